@@ -1,0 +1,5 @@
+"""Data streams of ARF: finetune (+caption anchors), retrieved anchors, evaluation sets."""
+
+from anchor_clip.data.datamodule import AnchorDataModule, EvalSet, EvalSpec
+
+__all__ = ["AnchorDataModule", "EvalSet", "EvalSpec"]

@@ -1,0 +1,96 @@
+"""Reading and writing the tables anchor_clip exchanges (see docs/formats.md).
+
+Every table is CSV, JSONL or parquet, chosen by extension, and is checked for the columns its reader
+needs, so a wrong separator or a caption file for another dataset fails here with a useful message
+rather than as a `KeyError` inside a DataLoader worker.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+_READERS = {
+    ".csv": pd.read_csv,
+    ".jsonl": lambda p: pd.read_json(p, lines=True),
+    ".parquet": pd.read_parquet,
+}
+
+
+def read_table(path: str | Path, required: Sequence[str] = (), what: str = "table") -> pd.DataFrame:
+    """Load a table and check it has the `required` columns.
+
+    Args:
+        path: a .csv, .jsonl or .parquet file.
+        required: column names the caller needs.
+        what: the config field or role of the table, named in errors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what}: file {str(path)!r} does not exist")
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise ValueError(
+            f"{what}: {path.name} has unsupported extension {path.suffix!r}; use one of {sorted(_READERS)}"
+        )
+    frame = reader(path)
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"{what}: {path} has no column(s) {missing} (found: {list(frame.columns)}). "
+            f"Expected columns {list(required)}; CSV files must be comma-separated with a header row."
+        )
+    for column in ("image_id", "caption", "filepath"):
+        if column in frame.columns:
+            frame[column] = frame[column].astype(str)
+    return frame
+
+
+def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write a table atomically: a temp file in the same directory, then a rename.
+
+    A killed writer leaves either the old file or the new one, never half a table.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower()
+    if suffix not in _READERS:
+        raise ValueError(f"cannot write {path}: unsupported extension {suffix!r}; use one of {sorted(_READERS)}")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.close(fd)
+    try:
+        if suffix == ".csv":
+            frame.to_csv(tmp, index=False)
+        elif suffix == ".jsonl":
+            frame.to_json(tmp, orient="records", lines=True)
+        else:
+            frame.to_parquet(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def resolve_paths(frame: pd.DataFrame, table_path: str | Path) -> list[str]:
+    """Absolute image paths: relative `filepath`s resolve against the table's directory."""
+    base = Path(table_path).resolve().parent
+    return [p if os.path.isabs(p) else str(base / p) for p in frame["filepath"]]
+
+
+def read_classnames(spec: str | Sequence[str], what: str = "classnames") -> list[str]:
+    """Class names from a list or a text file with one name per line (line i names label i)."""
+    if isinstance(spec, str):
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"{what}: class-name file {spec!r} does not exist (expected one name per line)")
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        names = [str(n) for n in spec]
+    if not names:
+        raise ValueError(f"{what}: no class names in {spec!r}")
+    return names

@@ -1,0 +1,181 @@
+"""AnchorFinetuneModule: FLYP finetuning with ARF's caption and retrieved anchors, as a LightningModule."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import lightning as L
+import torch
+from open_clip import build_zero_shot_classifier
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+from transformers import get_cosine_schedule_with_warmup
+
+from anchor_clip.backbones import ClipBackbone, create_backbone
+from anchor_clip.data.datamodule import EvalSpec
+from anchor_clip.losses import ARFLoss
+
+Pairs = dict[str, tuple[Tensor, Tensor]]
+
+
+class AnchorFinetuneModule(L.LightningModule):
+    """Contrastive finetuning of a two-tower model on up to three streams of pairs.
+
+    Args:
+        backbone: registry spec, e.g. ``open_clip:ViT-B-16`` or ``world_clip``.
+        pretrained: pretrained tag or local checkpoint of the backbone; None = random init.
+        backbone_config: model config dict instead of a named model (tiny test models, custom sizes).
+        caption_weight: λ_cap of the caption-anchor loss; 0 skips the stream.
+        retrieved_weight: λ_ret of the retrieved-anchor loss; 0 skips the stream.
+        caption_fraction: share of each finetune batch whose captions enter the caption loss.
+        share_image_pass: encode finetune images once for the finetune and caption losses.
+        fuse_encoder_calls: one image and one text encoder call per step over all streams (terms stay separate).
+        lr: peak AdamW learning rate.
+        weight_decay: AdamW decay, not applied to biases, norms, embeddings or the temperature.
+        betas: AdamW betas (CLIP's 0.9/0.98).
+        eps: AdamW epsilon.
+        warmup_steps: linear warmup before the cosine decay to 0 at the last step.
+        lock_image: freeze the image tower.
+        lock_text: freeze the text tower.
+        grad_checkpointing: recompute activations in the backward pass to save memory.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "world_clip",
+        pretrained: str | None = None,
+        backbone_config: dict[str, Any] | None = None,
+        caption_weight: float = 0.0,
+        retrieved_weight: float = 0.0,
+        caption_fraction: float = 1.0,
+        share_image_pass: bool = True,
+        fuse_encoder_calls: bool = True,
+        lr: float = 1e-5,
+        weight_decay: float = 0.1,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup_steps: int = 0,
+        lock_image: bool = False,
+        lock_text: bool = False,
+        grad_checkpointing: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0.0 < caption_fraction <= 1.0:
+            raise ValueError(f"model.caption_fraction must be in (0, 1], got {caption_fraction}")
+        self.save_hyperparameters()
+        self.backbone = self.build_backbone()
+        self.backbone.lock(image=lock_image, text=lock_text)
+        if grad_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
+        self.weights = {"finetune": 1.0, "caption": caption_weight, "retrieved": retrieved_weight}
+        self.objective = ARFLoss(self.weights)
+        self.eval_specs: list[EvalSpec] = []
+        self.heads: dict[str, Tensor] = {}
+        self.accuracy = nn.ModuleDict()
+
+    # -- hooks for subclasses ------------------------------------------------------------------------------
+    def build_backbone(self) -> ClipBackbone:
+        """Create the backbone; override to bring a model that is not in the registry."""
+        hp = self.hparams
+        return create_backbone(hp.backbone, pretrained=hp.pretrained, config=hp.backbone_config)
+
+    def encode_streams(self, batch: dict[str, dict[str, Tensor]]) -> Pairs:
+        """Encode every active stream of a batch into (image_features, text_features) pairs.
+
+        The caption stream reuses the finetune image features (ARF's text-compensated anchors are
+        captions *of the finetune images*), and with `fuse_encoder_calls` all images go through the image
+        tower in one call and all texts through the text tower in one call, which keeps an ARF step close
+        to a FLYP step. The loss terms are unchanged by either option.
+        """
+        hp = self.hparams
+        images: dict[str, Tensor] = {}
+        texts: dict[str, Tensor] = {}
+        if "finetune" in batch:
+            images["finetune"], texts["finetune"] = batch["finetune"]["images"], batch["finetune"]["texts"]
+            if self.objective.active("caption"):
+                if "captions" not in batch["finetune"]:
+                    raise ValueError("model.caption_weight > 0 but the batch has no captions: set data.captions")
+                n = max(1, round(hp.caption_fraction * len(images["finetune"])))
+                texts["caption"] = batch["finetune"]["captions"][:n]
+                if not hp.share_image_pass:
+                    images["caption"] = images["finetune"][:n]
+        if "retrieved" in batch and self.objective.active("retrieved"):
+            images["retrieved"], texts["retrieved"] = batch["retrieved"]["images"], batch["retrieved"]["texts"]
+        image_features = self._encode(self.backbone.encode_image, images)
+        text_features = self._encode(self.backbone.encode_text, texts)
+        if "caption" in texts and "caption" not in image_features:
+            image_features["caption"] = image_features["finetune"][: len(texts["caption"])]
+        return {s: (image_features[s], text_features[s]) for s in texts}
+
+    def _encode(self, encoder, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        if not inputs:
+            return {}
+        fusable = len({x.shape[1:] for x in inputs.values()}) == 1
+        if not (self.hparams.fuse_encoder_calls and fusable):
+            return {s: encoder(x) for s, x in inputs.items()}
+        features = encoder(torch.cat(list(inputs.values())))  # (sum of B_s, D)
+        return dict(zip(inputs, features.split([len(x) for x in inputs.values()]), strict=True))
+
+    # -- training ------------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if self.trainer.world_size > 1:
+            # Local loss with gradients through the gather: the only mode that is exact and scales (open_clip).
+            self.objective = ARFLoss(self.weights, gather=self._gather, rank=self.global_rank)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        self.eval_specs = list(getattr(datamodule, "eval_specs", []))
+        self.accuracy = nn.ModuleDict(
+            {s.name: MulticlassAccuracy(num_classes=len(s.classnames), top_k=1) for s in self.eval_specs}
+        )
+
+    def _gather(self, x: Tensor) -> Tensor:
+        return self.all_gather(x, sync_grads=True).flatten(0, 1)  # (W, B, D) -> (W*B, D)
+
+    def training_step(self, batch: dict[str, dict[str, Tensor]], batch_idx: int) -> Tensor:
+        pairs = self.encode_streams(batch)
+        logit_scale = self.backbone.logit_scale
+        # ARF: L = L_finetune + λ_caption·L_caption + λ_retrieved·L_retrieved (terms of inactive streams absent)
+        losses = self.objective(pairs, logit_scale)
+        batch_size = len(next(iter(pairs.values()))[0])
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=batch_size)
+        self.log("train/logit_scale", logit_scale, batch_size=batch_size)
+        return losses["loss"]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(self.backbone.param_groups(hp.weight_decay), lr=hp.lr, betas=hp.betas,
+                                      eps=hp.eps)
+        total = self.trainer.estimated_stepping_batches
+        scheduler = get_cosine_schedule_with_warmup(optimizer, hp.warmup_steps, int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- zero-shot evaluation ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def build_heads(self) -> None:
+        """Zero-shot heads from the *current* text tower (FLYP): (D, C) per eval set, class × template mean."""
+        encoder = SimpleNamespace(encode_text=lambda tokens, normalize=True: self.backbone.encode_text(tokens))
+        self.heads = {
+            spec.name: build_zero_shot_classifier(encoder, self.backbone.tokenize, spec.classnames, spec.templates,
+                                                  num_classes_per_batch=64, device=self.device)
+            for spec in self.eval_specs
+        }
+
+    def on_validation_epoch_start(self) -> None:
+        self.build_heads()
+
+    def on_test_epoch_start(self) -> None:
+        self.build_heads()
+
+    def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int, stage: str) -> None:
+        name = self.eval_specs[dataloader_idx].name
+        logits = self.backbone.encode_image(batch["images"]) @ self.heads[name]  # (B, D) @ (D, C)
+        metric = self.accuracy[name]
+        metric.update(logits, batch["labels"])
+        self.log(f"{stage}/{name}/acc", metric, on_epoch=True, add_dataloader_idx=False,
+                 batch_size=len(logits))
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, "val")
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, dataloader_idx, "test")

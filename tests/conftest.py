@@ -1,0 +1,73 @@
+"""Fixtures: a tiny on-disk dataset in every format the streams read, and tiny random backbones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+# A 2-layer ViT over 32 px images with CLIP's BPE vocabulary: random init, no download, ~7 M params.
+TINY_OPEN_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
+}
+
+CLASSES = ["red square", "green circle", "blue line", "yellow dot"]
+COLOURS = [(220, 30, 30), (30, 200, 60), (40, 60, 220), (230, 210, 40)]
+
+
+def _draw(label: int, rng: np.random.Generator) -> Image.Image:
+    pixels = rng.integers(0, 60, size=(32, 32, 3), dtype=np.uint8)
+    x, y = rng.integers(4, 20, size=2)
+    pixels[y : y + 10, x : x + 10] = COLOURS[label]
+    return Image.fromarray(pixels)
+
+
+def write_images(root: Path, prefix: str, labels: list[int], seed: int) -> list[str]:
+    """Write one PNG per label under root/images; returns paths relative to root."""
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, label in enumerate(labels):
+        rel = f"images/{prefix}_{i:04d}.png"
+        _draw(label, rng).save(root / rel)
+        paths.append(rel)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, str]:
+    """Finetune manifest + classnames, captions, retrieved pairs, and two eval sets (ID and unseen classes)."""
+    root = tmp_path_factory.mktemp("tiny_data")
+    labels = [i % 4 for i in range(32)]
+    paths = write_images(root, "ft", labels, seed=0)
+    ids = [f"ft{i}" for i in range(len(labels))]
+    pd.DataFrame({"image_id": ids, "filepath": paths, "label": labels}).to_csv(root / "finetune.csv", index=False)
+    (root / "classnames.txt").write_text("\n".join(CLASSES) + "\n")
+    captions = [f"a small {CLASSES[label]} on a dark noisy background" for label in labels]
+    pd.DataFrame({"image_id": ids, "caption": captions}).to_json(root / "captions.jsonl", orient="records", lines=True)
+
+    pool_labels = [i % 4 for i in range(40)]
+    pool_paths = write_images(root, "pool", pool_labels, seed=1)
+    pool_captions = [f"photo of a {CLASSES[label]}" for label in pool_labels]
+    pd.DataFrame({"filepath": pool_paths, "caption": pool_captions}).to_parquet(root / "retrieved.parquet")
+
+    eval_labels = [i % 4 for i in range(16)]
+    eval_paths = write_images(root, "eval", eval_labels, seed=2)
+    pd.DataFrame({"filepath": eval_paths, "label": eval_labels}).to_csv(root / "eval_id.csv", index=False)
+    zs_labels = [i % 2 for i in range(8)]
+    zs_paths = write_images(root, "zs", [2 + label for label in zs_labels], seed=3)
+    pd.DataFrame({"filepath": zs_paths, "label": zs_labels}).to_csv(root / "eval_zs.csv", index=False)
+    return {
+        "root": str(root),
+        "finetune": str(root / "finetune.csv"),
+        "classnames": str(root / "classnames.txt"),
+        "captions": str(root / "captions.jsonl"),
+        "retrieved": str(root / "retrieved.parquet"),
+        "eval_id": str(root / "eval_id.csv"),
+        "eval_zs": str(root / "eval_zs.csv"),
+    }

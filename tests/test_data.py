@@ -1,0 +1,87 @@
+"""Claims about the AnchorDataModule: the streams it builds and the input it refuses."""
+
+import pandas as pd
+import pytest
+import torch
+
+from anchor_clip.data import AnchorDataModule, EvalSet
+from tests.conftest import CLASSES, TINY_OPEN_CLIP
+
+
+def make_datamodule(tiny_data, **overrides) -> AnchorDataModule:
+    kwargs = dict(
+        finetune=tiny_data["finetune"],
+        classnames=tiny_data["classnames"],
+        captions=tiny_data["captions"],
+        retrieved=tiny_data["retrieved"],
+        eval_sets=[
+            EvalSet("id", tiny_data["eval_id"], tiny_data["classnames"]),
+            EvalSet("zs", tiny_data["eval_zs"], CLASSES[2:], templates=["a {}."]),
+        ],
+        batch_size=8,
+        retrieved_batch_size=6,
+        num_workers=0,
+        backbone="open_clip",
+        backbone_config=TINY_OPEN_CLIP,
+    )
+    kwargs.update(overrides)
+    dm = AnchorDataModule(**kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def test_train_batches_carry_every_stream_with_its_own_batch_size(tiny_data):
+    dm = make_datamodule(tiny_data)
+    batch, _, _ = next(iter(dm.train_dataloader()))
+    finetune, retrieved = batch["finetune"], batch["retrieved"]
+    assert finetune["images"].shape == (8, 3, 32, 32)
+    assert finetune["labels"].shape == (8,)
+    assert finetune["texts"].shape == finetune["captions"].shape == (8, 16)
+    assert retrieved["images"].shape == (6, 3, 32, 32) and retrieved["texts"].shape == (6, 16)
+    # prompts and captions are different texts of the same images
+    assert not torch.equal(finetune["texts"], finetune["captions"])
+
+
+def test_finetune_texts_are_the_class_prompt_of_each_label(tiny_data):
+    dm = make_datamodule(tiny_data, captions=None, retrieved=None)
+    item = dm.streams["finetune"][5]
+    assert item["texts"] == f"a photo of a {CLASSES[int(item['labels'])]}."
+    assert "captions" not in item
+
+
+def test_eval_specs_keep_each_sets_own_classnames_and_templates(tiny_data):
+    dm = make_datamodule(tiny_data)
+    specs = {s.name: s for s in dm.eval_specs}
+    assert specs["id"].classnames == CLASSES and specs["id"].templates == ["a photo of a {}."]
+    assert specs["zs"].classnames == CLASSES[2:] and specs["zs"].templates == ["a {}."]
+    assert [len(loader.dataset) for loader in dm.val_dataloader()] == [16, 8]
+
+
+def test_caption_file_for_other_images_is_rejected_naming_the_missing_ids(tiny_data, tmp_path):
+    captions = pd.read_json(tiny_data["captions"], lines=True).iloc[3:]
+    path = tmp_path / "captions.csv"
+    captions.to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"no caption for 3 of 32 .*ft0"):
+        make_datamodule(tiny_data, captions=str(path))
+
+
+def test_manifest_without_required_column_names_file_and_columns(tiny_data, tmp_path):
+    path = tmp_path / "bad.csv"
+    pd.read_csv(tiny_data["finetune"]).to_csv(path, index=False, sep="\t")
+    with pytest.raises(ValueError, match=r"data.finetune: .*bad.csv has no column"):
+        make_datamodule(tiny_data, finetune=str(path))
+
+
+def test_labels_beyond_the_class_names_are_rejected(tiny_data):
+    with pytest.raises(ValueError, match="labels must index the 2 class names"):
+        make_datamodule(tiny_data, classnames=CLASSES[:2])
+
+
+def test_retrieved_manifest_smaller_than_a_batch_is_rejected(tiny_data):
+    with pytest.raises(ValueError, match="fewer than the minimum 64"):
+        make_datamodule(tiny_data, retrieved_batch_size=64)
+
+
+def test_no_training_stream_is_an_error():
+    with pytest.raises(ValueError, match="no training stream"):
+        AnchorDataModule()
