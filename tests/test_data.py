@@ -16,7 +16,7 @@ def make_datamodule(tiny_data, **overrides) -> AnchorDataModule:
         retrieved=tiny_data["retrieved"],
         eval_sets=[
             EvalSet("id", tiny_data["eval_id"], tiny_data["classnames"]),
-            EvalSet("zs", tiny_data["eval_zs"], CLASSES[2:], templates=["a {}."]),
+            EvalSet("zs", tiny_data["eval_zs"], CLASSES[2:], templates=["a {c}."]),
         ],
         batch_size=8,
         retrieved_batch_size=6,
@@ -52,8 +52,8 @@ def test_finetune_texts_are_the_class_prompt_of_each_label(tiny_data):
 def test_eval_specs_keep_each_sets_own_classnames_and_templates(tiny_data):
     dm = make_datamodule(tiny_data)
     specs = {s.name: s for s in dm.eval_specs}
-    assert specs["id"].classnames == CLASSES and specs["id"].templates == ["a photo of a {}."]
-    assert specs["zs"].classnames == CLASSES[2:] and specs["zs"].templates == ["a {}."]
+    assert specs["id"].classnames == CLASSES and specs["id"].templates == ["a photo of a {c}."]
+    assert specs["zs"].classnames == CLASSES[2:] and specs["zs"].templates == ["a {c}."]
     assert [len(loader.dataset) for loader in dm.val_dataloader()] == [16, 8]
 
 
@@ -85,3 +85,8 @@ def test_retrieved_manifest_smaller_than_a_batch_is_rejected(tiny_data):
 def test_no_training_stream_is_an_error():
     with pytest.raises(ValueError, match="no training stream"):
         AnchorDataModule()
+
+
+def test_templates_without_class_placeholder_are_rejected(tiny_data):
+    with pytest.raises(ValueError, match=r"data.templates must be .*'\{c\}'"):
+        make_datamodule(tiny_data, templates=["a photo of a {}."])

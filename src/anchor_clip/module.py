@@ -155,7 +155,8 @@ class AnchorFinetuneModule(L.LightningModule):
         """Zero-shot heads from the *current* text tower (FLYP): (D, C) per eval set, class × template mean."""
         encoder = SimpleNamespace(encode_text=lambda tokens, normalize=True: self.backbone.encode_text(tokens))
         self.heads = {
-            spec.name: build_zero_shot_classifier(encoder, self.backbone.tokenize, spec.classnames, spec.templates,
+            spec.name: build_zero_shot_classifier(encoder, self.backbone.tokenize, spec.classnames,
+                                                  [lambda c, t=t: t.format(c=c) for t in spec.templates],
                                                   num_classes_per_batch=64, device=self.device)
             for spec in self.eval_specs
         }

@@ -22,9 +22,10 @@ from anchor_clip.backbones.base import BackboneIO, Tokenizer
 from anchor_clip.data.finetune import FinetuneImages
 from anchor_clip.data.images import LabelledImages
 from anchor_clip.data.pairs import ImageTextPairs
+from anchor_clip.data.tables import check_templates
 
 TEXT_KEYS = ("texts", "captions")
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
+DEFAULT_TEMPLATES = ("a photo of a {c}.",)
 
 
 @dataclass
@@ -73,8 +74,8 @@ class AnchorDataModule(L.LightningDataModule):
     Args:
         finetune: finetune manifest (`image_id`, `filepath`, `label`).
         classnames: finetune class names (list or file).
-        templates: class-prompt templates for the finetune texts (`{}` marks the class name); FLYP's
-            "a photo of a {}." by default.
+        templates: class-prompt templates for the finetune texts (`{c}` marks the class name); FLYP's
+            "a photo of a {c}." by default.
         captions: caption table keyed by `image_id` for the caption-anchor stream.
         retrieved: pair manifest (`filepath`, `caption`) for the retrieved-anchor stream.
         eval_sets: named evaluation sets for validation and test.
@@ -117,6 +118,8 @@ class AnchorDataModule(L.LightningDataModule):
             raise ValueError(f"data.eval_sets names must be unique, got {names}")
         self.templates = list(templates or DEFAULT_TEMPLATES)
         self.eval_templates = list(eval_templates) if eval_templates else self.templates
+        for s in eval_sets:
+            check_templates(s.templates or self.eval_templates, f"data.eval_sets[{s.name}].templates")
         self.eval_sets = eval_sets
         self.retrieved_batch_size = retrieved_batch_size or batch_size
         self.io: BackboneIO | None = None

@@ -13,7 +13,7 @@ import torch
 
 from anchor_clip.backbones.base import ImageTransform
 from anchor_clip.data.images import LabelledImages
-from anchor_clip.data.tables import read_table
+from anchor_clip.data.tables import check_templates, read_table
 
 
 class FinetuneImages(LabelledImages):
@@ -22,7 +22,7 @@ class FinetuneImages(LabelledImages):
     Args:
         manifest: table with `image_id`, `filepath`, `label`.
         classnames: the finetune class names.
-        templates: prompt templates with one `{}` for the class name; one is drawn per image and step
+        templates: prompt templates with a `{c}` for the class name; one is drawn per image and step
             (FLYP trains on the prompt texts, not a fixed head).
         transform: training image transform.
         captions: optional caption table (`image_id`, `caption`) covering every finetune image.
@@ -32,8 +32,7 @@ class FinetuneImages(LabelledImages):
                  transform: ImageTransform, captions: str | Path | None = None) -> None:
         super().__init__(manifest, classnames, transform, what="data.finetune",
                          required=("image_id", "filepath", "label"))
-        if not templates or any("{}" not in t for t in templates):
-            raise ValueError(f"data.templates must be non-empty format strings with one '{{}}', got {list(templates)}")
+        check_templates(templates, "data.templates")
         self.templates = list(templates)
         self.captions = None if captions is None else self._match_captions(captions)
 
@@ -52,7 +51,7 @@ class FinetuneImages(LabelledImages):
     def __getitem__(self, index: int) -> dict:
         item = super().__getitem__(index)
         template = self.templates[torch.randint(len(self.templates), ()).item()]
-        item["texts"] = template.format(self.classnames[int(item["labels"])])
+        item["texts"] = template.format(c=self.classnames[int(item["labels"])])
         if self.captions is not None:
             item["captions"] = self.captions[index]
         return item

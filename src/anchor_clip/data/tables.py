@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -50,25 +50,17 @@ def read_table(path: str | Path, required: Sequence[str] = (), what: str = "tabl
     return frame
 
 
-def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
-    """Write a table atomically: a temp file in the same directory, then a rename.
+def write_atomic(path: str | Path, write: Callable[[str], object]) -> Path:
+    """Call `write(tmp)` on a temp file in `path`'s directory, then rename it to `path`.
 
-    A killed writer leaves either the old file or the new one, never half a table.
+    A killed writer leaves either the old file or the new one, never half of one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = path.suffix.lower()
-    if suffix not in _READERS:
-        raise ValueError(f"cannot write {path}: unsupported extension {suffix!r}; use one of {sorted(_READERS)}")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)
     try:
-        if suffix == ".csv":
-            frame.to_csv(tmp, index=False)
-        elif suffix == ".jsonl":
-            frame.to_json(tmp, orient="records", lines=True)
-        else:
-            frame.to_parquet(tmp, index=False)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -76,10 +68,29 @@ def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
+def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Write a table atomically, in the format its extension names."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in _READERS:
+        raise ValueError(f"cannot write {path}: unsupported extension {suffix!r}; use one of {sorted(_READERS)}")
+    writers = {
+        ".csv": lambda tmp: frame.to_csv(tmp, index=False),
+        ".jsonl": lambda tmp: frame.to_json(tmp, orient="records", lines=True),
+        ".parquet": lambda tmp: frame.to_parquet(tmp, index=False),
+    }
+    return write_atomic(path, writers[suffix])
+
+
 def resolve_paths(frame: pd.DataFrame, table_path: str | Path) -> list[str]:
     """Absolute image paths: relative `filepath`s resolve against the table's directory."""
     base = Path(table_path).resolve().parent
     return [p if os.path.isabs(p) else str(base / p) for p in frame["filepath"]]
+
+
+def check_templates(templates: Sequence[str], what: str) -> None:
+    """Prompt templates name the class as `{c}` (``"a photo of a {c}."``), the convention of every job here."""
+    if not templates or any("{c}" not in t for t in templates):
+        raise ValueError(f"{what} must be non-empty format strings containing '{{c}}', got {list(templates)}")
 
 
 def read_classnames(spec: str | Sequence[str], what: str = "classnames") -> list[str]:
