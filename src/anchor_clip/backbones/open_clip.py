@@ -16,7 +16,6 @@ import json
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -117,13 +116,13 @@ def _config_preprocess(vision_cfg: open_clip.CLIPVisionCfg) -> dict[str, Any]:
 def _named_preprocess(name: str, pretrained: str | None) -> dict[str, Any]:
     """Preprocessing of a named model as `open_clip.create_model` resolves it, without building the model.
 
-    Defaults, overlaid by the pretrained tag's entry (mean/std/interpolation differ per tag) or by the
+    Defaults, overlaid by the pretrained tag's entry (mean/std/resize mode differ per tag) or by the
     ``preprocess_cfg`` of an ``hf-hub:``/``local-dir:`` config file; the size comes from the vision config.
     """
     if name.startswith(_LOCAL_DIR):
         config_file = Path(name.removeprefix(_LOCAL_DIR)) / "open_clip_config.json"
     elif name.startswith(_HF_HUB):
-        # Fetches only the small JSON config; open_clip caches it for the later create_model call.
+        # Fetches only the small JSON config (huggingface_hub caches it), never the weights.
         config_file = Path(download_pretrained_from_hf(name.removeprefix(_HF_HUB), filename="open_clip_config.json"))
     else:
         config_file = None
@@ -134,25 +133,25 @@ def _named_preprocess(name: str, pretrained: str | None) -> dict[str, Any]:
         model_cfg = open_clip.get_model_config(name)
         overlay = get_pretrained_cfg(name, pretrained) if pretrained else {}
         if pretrained is None:
-            _warn_if_tags_normalize_differently(name)
+            _warn_if_tags_preprocess_differently(name)
     preprocess = merge_preprocess_dict(PreprocessCfg(), overlay)
     preprocess["size"] = open_clip.CLIPVisionCfg(**model_cfg["vision_cfg"]).image_size
     return preprocess
 
 
-def _warn_if_tags_normalize_differently(name: str) -> None:
-    """Without a tag the defaults apply; say so when some of the model's weights expect other statistics."""
-    default = PreprocessCfg()
+def _warn_if_tags_preprocess_differently(name: str) -> None:
+    """Without a tag the defaults apply; say so when some of the model's weights expect other preprocessing."""
+    default = merge_preprocess_dict(PreprocessCfg(), {})
     odd = [
         tag
         for tag in list_pretrained_tags_by_model(name)
-        if (get_pretrained_cfg(name, tag).get("mean", default.mean), get_pretrained_cfg(name, tag).get("std", default.std))
-        != (default.mean, default.std)
+        if merge_preprocess_dict(default, get_pretrained_cfg(name, tag)) != default
     ]
     if odd:
         warnings.warn(
-            f"transforms for open_clip:{name} without a pretrained tag use mean={default.mean}, std={default.std}, "
-            f"but its tags {odd} were trained with other statistics; pass pretrained= to get theirs.",
+            f"transforms for open_clip:{name} without a pretrained tag use open_clip's defaults (mean "
+            f"{default['mean']}, std {default['std']}, resize '{default['resize_mode']}'), but its tags {odd} were "
+            "trained with other preprocessing; pass pretrained= to get theirs.",
             stacklevel=4,  # point at the caller of io_from_spec
         )
 
@@ -207,7 +206,8 @@ class OpenClipBackbone(ClipBackbone):
             model: an open_clip model name (``ViT-B-16``, ``hf-hub:org/repo``, ``local-dir:/path``), or None
                 with `config`.
             pretrained: a tag of that model (``openai``) or a checkpoint file; with `config`, only a file. None
-                gives random weights.
+                gives random weights. A checkpoint file trained with QuickGELU needs a ``-quickgelu`` model name
+                (a tag brings that setting itself).
             config: an open_clip model config dict instead of a name.
         """
         _check_spec(model, config)
@@ -226,7 +226,12 @@ class OpenClipBackbone(ClipBackbone):
         else:
             name = _model_name(model)
             _check_pretrained(name, pretrained)
-            clip = open_clip.create_model(name, pretrained=pretrained)
+            # open_clip only warns when a tag was trained with QuickGELU but the named config uses GELU
+            # (ViT-B-16 + openai); build the activation the weights were trained with.
+            tag_cfg = get_pretrained_cfg(name, pretrained) if pretrained else {}
+            clip = open_clip.create_model(
+                name, pretrained=pretrained, force_quick_gelu=tag_cfg.get("quick_gelu", False)
+            )
             tokenizer = open_clip.get_tokenizer(name)
         return cls(clip, _io(open_clip.get_model_preprocess_cfg(clip), tokenizer))
 

@@ -117,6 +117,7 @@ class AnchorDataModule(L.LightningDataModule):
         if len(set(names)) != len(names):
             raise ValueError(f"data.eval_sets names must be unique, got {names}")
         self.templates = list(templates or DEFAULT_TEMPLATES)
+        check_templates(self.templates, "data.templates")
         self.eval_templates = list(eval_templates) if eval_templates else self.templates
         for s in eval_sets:
             check_templates(s.templates or self.eval_templates, f"data.eval_sets[{s.name}].templates")
