@@ -24,6 +24,7 @@ class AnchorCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.backbone", "data.backbone")
         parser.link_arguments("model.backbone_config", "data.backbone_config")
+        parser.link_arguments("model.pretrained", "data.pretrained")
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         config = self._get(self.config_init, "trainer", default={})

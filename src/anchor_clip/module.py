@@ -125,7 +125,7 @@ class AnchorFinetuneModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         self.eval_specs = list(getattr(datamodule, "eval_specs", []))
         self.accuracy = nn.ModuleDict(
-            {s.name: MulticlassAccuracy(num_classes=len(s.classnames), top_k=1) for s in self.eval_specs}
+            {s.name: MulticlassAccuracy(num_classes=s.num_classes, top_k=1) for s in self.eval_specs}
         )
 
     def _gather(self, x: Tensor) -> Tensor:
@@ -168,8 +168,11 @@ class AnchorFinetuneModule(L.LightningModule):
         self.build_heads()
 
     def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int, stage: str) -> None:
-        name = self.eval_specs[dataloader_idx].name
-        logits = self.backbone.encode_image(batch["images"]) @ self.heads[name]  # (B, D) @ (D, C)
+        spec = self.eval_specs[dataloader_idx]
+        name = spec.name
+        logits = self.backbone.encode_image(batch["images"]) @ self.heads[name]  # (B, D) @ (D, C_head)
+        if spec.project is not None:
+            logits = spec.project(logits)  # (B, C_head) -> (B, C_set), e.g. ImageNet-R's 200 classes
         metric = self.accuracy[name]
         metric.update(logits, batch["labels"])
         self.log(f"{stage}/{name}/acc", metric, on_epoch=True, add_dataloader_idx=False,

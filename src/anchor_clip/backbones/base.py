@@ -48,8 +48,12 @@ class ClipBackbone(nn.Module, ABC):
 
     @classmethod
     @abstractmethod
-    def io_from_spec(cls, model: str | None, config: dict | None = None) -> BackboneIO:
-        """Tokenizer and transforms for a spec without building the model (used by DataLoader workers)."""
+    def io_from_spec(cls, model: str | None, config: dict | None = None, pretrained: str | None = None) -> BackboneIO:
+        """Tokenizer and transforms for a spec without building the model (used by DataLoader workers).
+
+        `pretrained` matters where a family's weights fix their own preprocessing (open_clip tags differ in
+        normalization statistics); families without such variation ignore it.
+        """
 
     @abstractmethod
     def encode_image(self, images: Tensor) -> Tensor:
@@ -79,12 +83,12 @@ class ClipBackbone(nn.Module, ABC):
         return self.io.tokenizer(list(texts)).to(self.log_logit_scale.device)
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: no decay on biases, norms, embeddings and the temperature (CLIP recipe)."""
+        """AdamW groups: no decay on gains, biases and the temperature (open_clip's training rule)."""
         decay, no_decay = [], []
         for name, param in self.named_parameters():
             if not param.requires_grad:
                 continue
-            exclude = param.ndim < 2 or "embedding" in name or "logit_scale" in name or "token" in name
+            exclude = param.ndim < 2 or "logit_scale" in name
             (no_decay if exclude else decay).append(param)
         return [
             {"params": decay, "weight_decay": weight_decay},

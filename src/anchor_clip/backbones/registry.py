@@ -59,7 +59,7 @@ def create_backbone(spec: str, pretrained: str | None = None, config: dict[str, 
     return cls.from_spec(model, pretrained=pretrained, config=config)
 
 
-def create_io(spec: str, config: dict[str, Any] | None = None) -> BackboneIO:
-    """Tokenizer and transforms for a spec, without building or loading the model."""
+def create_io(spec: str, config: dict[str, Any] | None = None, pretrained: str | None = None) -> BackboneIO:
+    """Tokenizer and transforms for a spec (and its pretrained tag), without building or loading the model."""
     cls, model = _split(spec)
-    return cls.io_from_spec(model, config=config)
+    return cls.io_from_spec(model, config=config, pretrained=pretrained)

@@ -10,7 +10,7 @@ Texts are tokenized in the workers, with the tokenizer of the linked backbone (n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
@@ -23,6 +23,9 @@ from anchor_clip.data.finetune import FinetuneImages
 from anchor_clip.data.images import LabelledImages
 from anchor_clip.data.pairs import ImageTextPairs
 from anchor_clip.data.tables import check_templates
+
+if TYPE_CHECKING:  # eval imports this module; the projection type is only an annotation here
+    from anchor_clip.eval.masks import LogitProjection
 
 TEXT_KEYS = ("texts", "captions")
 DEFAULT_TEMPLATES = ("a photo of a {c}.",)
@@ -47,11 +50,23 @@ class EvalSet:
 
 @dataclass(frozen=True)
 class EvalSpec:
-    """What the module needs to build a set's zero-shot head."""
+    """What the module needs to build a set's zero-shot head and score it.
+
+    Attributes:
+        name: the set's name in metric keys.
+        classnames: one head row per name (for ImageNet-A/R/ObjectNet: the 1000 ImageNet names).
+        templates: prompt templates with `{c}`.
+        project: maps (B, len(classnames)) head logits to (B, num_classes) set logits (class subsets, pooling).
+    """
 
     name: str
     classnames: list[str]
     templates: list[str]
+    project: LogitProjection | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return self.project.num_classes if self.project is not None else len(self.classnames)
 
 
 class TokenizingCollate:
@@ -86,6 +101,7 @@ class AnchorDataModule(L.LightningDataModule):
         num_workers: loader workers per stream.
         backbone: backbone spec, linked from `model.backbone` by the CLI.
         backbone_config: backbone config dict, linked from `model.backbone_config`.
+        pretrained: pretrained tag or checkpoint, linked from `model.pretrained` (its preprocessing may differ).
     """
 
     def __init__(
@@ -103,6 +119,7 @@ class AnchorDataModule(L.LightningDataModule):
         num_workers: int = 2,
         backbone: str = "world_clip",
         backbone_config: dict[str, Any] | None = None,
+        pretrained: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -132,7 +149,7 @@ class AnchorDataModule(L.LightningDataModule):
         if self.io is not None:
             return
         hp = self.hparams
-        self.io = create_io(hp.backbone, hp.backbone_config)
+        self.io = create_io(hp.backbone, hp.backbone_config, hp.pretrained)
         if hp.finetune is not None:
             self.streams["finetune"] = FinetuneImages(hp.finetune, hp.classnames, self.templates,
                                                       self.io.train_transform, hp.captions)
