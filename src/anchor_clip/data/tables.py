@@ -7,6 +7,7 @@ rather than as a `KeyError` inside a DataLoader worker.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -14,9 +15,11 @@ from pathlib import Path
 
 import pandas as pd
 
+# Ids, paths and captions stay strings: an id like "0001" must not become the number 1.
+_STRING_COLUMNS = {"image_id": str, "filepath": str, "caption": str}
 _READERS = {
-    ".csv": pd.read_csv,
-    ".jsonl": lambda p: pd.read_json(p, lines=True),
+    ".csv": lambda p: pd.read_csv(p, dtype=_STRING_COLUMNS, keep_default_na=False),
+    ".jsonl": lambda p: pd.read_json(p, lines=True, dtype=False),
     ".parquet": pd.read_parquet,
 }
 
@@ -44,7 +47,7 @@ def read_table(path: str | Path, required: Sequence[str] = (), what: str = "tabl
             f"{what}: {path} has no column(s) {missing} (found: {list(frame.columns)}). "
             f"Expected columns {list(required)}; CSV files must be comma-separated with a header row."
         )
-    for column in ("image_id", "caption", "filepath"):
+    for column in _STRING_COLUMNS:
         if column in frame.columns:
             frame[column] = frame[column].astype(str)
     return frame
@@ -68,6 +71,11 @@ def write_atomic(path: str | Path, write: Callable[[str], object]) -> Path:
     return path
 
 
+def write_json(obj: object, path: str | Path) -> Path:
+    """Write JSON atomically (reports, shard indexes)."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, default=str)))
+
+
 def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
     """Write a table atomically, in the format its extension names."""
     suffix = Path(path).suffix.lower()
@@ -75,7 +83,7 @@ def write_table(frame: pd.DataFrame, path: str | Path) -> Path:
         raise ValueError(f"cannot write {path}: unsupported extension {suffix!r}; use one of {sorted(_READERS)}")
     writers = {
         ".csv": lambda tmp: frame.to_csv(tmp, index=False),
-        ".jsonl": lambda tmp: frame.to_json(tmp, orient="records", lines=True),
+        ".jsonl": lambda tmp: frame.to_json(tmp, orient="records", lines=True, force_ascii=False),
         ".parquet": lambda tmp: frame.to_parquet(tmp, index=False),
     }
     return write_atomic(path, writers[suffix])
@@ -104,4 +112,7 @@ def read_classnames(spec: str | Sequence[str], what: str = "classnames") -> list
         names = [str(n) for n in spec]
     if not names:
         raise ValueError(f"{what}: no class names in {spec!r}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"{what}: class names must be unique, got duplicates {duplicates[:5]}")
     return names

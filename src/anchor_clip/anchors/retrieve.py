@@ -1,0 +1,607 @@
+"""Retrieve image-text anchors for the downstream classes from a pretraining-like pool (ARF's third stream).
+
+The job embeds the pool (`embed.embed_pool`, resumable), embeds class prompts (class names x query
+templates), searches the pool with a faiss index (`index.build_index`) and selects, per class, k pairs:
+
+- **per-template quota**: k is split evenly over the templates, each template query taking its own top
+  pairs. "a photo of a {c}" alone retrieves one style only; one query per style ("a sketch of a {c}.")
+  gives the anchor set a balanced style mix.
+- **global dedupe**: a pool pair is assigned at most once, to its best class (the class of the prompt it
+  is most similar to); inside that class it goes to the best-scoring template that still has room.
+- **exclusion**: pairs whose image is a near-duplicate (cosine >= tau) of an evaluation image are never
+  selected, so anchors cannot leak test images; `min_score` drops weak matches.
+
+Outputs under `out_dir`: `retrieved_anchors.csv` (a pair manifest, docs/formats.md), `retrieval_report.json`
+(counts, similarity stats, precision and style mix when the pool is labelled) and `score_histogram.png`.
+Images of webdataset pools are extracted to `out_dir/images/` so the manifest points at real files.
+
+    python -m anchor_clip.retrieve --pool pool.csv --classnames classes.txt --out_dir anchors/ \
+        --backbone open_clip:ViT-B-16 --pretrained openai --k 100
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from anchor_clip.anchors.embed import (
+    TAR_COLUMNS,
+    PoolEmbeddings,
+    Precision,
+    embed_images,
+    embed_pool,
+    read_image_bytes,
+    resolve_backbone,
+)
+from anchor_clip.anchors.index import CosineIndex, build_index, normalize
+from anchor_clip.backbones.base import ClipBackbone
+from anchor_clip.data.tables import read_classnames, read_table, write_json, write_table
+
+#: One query per style, so each style gets k / 4 of a class's anchors (see the module docstring).
+DEFAULT_TEMPLATES = ("a photo of a {c}.", "a sketch of a {c}.", "a cartoon of a {c}.", "a painting of a {c}.")
+MANIFEST_NAME = "retrieved_anchors.csv"
+REPORT_NAME = "retrieval_report.json"
+HISTOGRAM_NAME = "score_histogram.png"
+Modality = Literal["image", "text", "both"]
+
+
+def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
+    """(C * T,) prompts, class-major: prompt c * T + t is template t filled with class c."""
+    if not templates:
+        raise ValueError("need at least one query template, e.g. 'a photo of a {c}.'")
+    for template in templates:
+        try:
+            filled = template.format(c="x")
+        except (KeyError, IndexError) as err:
+            raise ValueError(f"template {template!r} may only contain the placeholder {{c}} ({err})") from err
+        if filled == template:
+            raise ValueError(f"template {template!r} has no '{{c}}' placeholder for the class name")
+    prompts = [template.format(c=name) for name in classnames for template in templates]
+    if len(set(prompts)) != len(prompts):
+        raise ValueError("templates x class names give duplicate prompts; make the templates (and names) distinct")
+    return prompts
+
+
+def _template_of(anchors: pd.DataFrame, classnames: Sequence[str], templates: Sequence[str]) -> pd.Series:
+    """The template each anchor's `query` was filled from."""
+    prompts = class_prompts(classnames, templates)
+    return anchors["query"].map(dict(zip(prompts, list(templates) * len(classnames), strict=True)))
+
+
+def class_quotas(k: int, n_templates: int) -> np.ndarray:
+    """Split a class's k anchors evenly over its templates; the first k % T templates get one more.
+
+    Returns:
+        (T,) int quotas summing to k.
+    """
+    if k <= 0:
+        raise ValueError(f"k (anchors per class) must be positive, got {k}")
+    return k // n_templates + (np.arange(n_templates) < k % n_templates).astype(int)
+
+
+def modality_vectors(
+    image: np.ndarray, text: np.ndarray, queries: np.ndarray, modality: Modality
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pool and query vectors whose inner product is the retrieval score of `modality`.
+
+    For "both", pool rows are [image, text] / sqrt(2) and queries [q, q] / sqrt(2): both have unit norm
+    and their inner product is (q.image + q.text) / 2, the mean of the two cosines, so one exact index
+    serves the combined score.
+
+    Args:
+        image, text: (N, D) normalized pool features. queries: (..., D) normalized prompt features.
+
+    Returns:
+        pool: (N, D') and queries: (..., D'), with D' = 2D for "both".
+    """
+    if modality == "image":
+        return image, queries
+    if modality == "text":
+        return text, queries
+    if modality == "both":
+        scale = np.float32(1 / math.sqrt(2))
+        return np.concatenate([image, text], axis=1) * scale, np.concatenate([queries, queries], axis=-1) * scale
+    raise ValueError(f"query modality must be 'image', 'text' or 'both', got {modality!r}")
+
+
+def near_duplicate_filter(
+    pool_image: np.ndarray, eval_image: np.ndarray, threshold: float
+) -> Callable[[np.ndarray], np.ndarray]:
+    """A predicate marking pool rows whose image has cosine >= `threshold` with some evaluation image.
+
+    Only candidate rows are ever tested, so the (N, E) similarity matrix is never formed.
+
+    Args:
+        pool_image: (N, D) normalized pool image features.
+        eval_image: (E, D) normalized evaluation image features.
+        threshold: cosine at or above which two images count as the same picture.
+
+    Returns:
+        f(ids: (M,) pool rows) -> (M,) bool, True = exclude.
+    """
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"exclusion threshold is a cosine similarity in [-1, 1], got {threshold}")
+    eval_index = build_index(eval_image)
+
+    def is_near_duplicate(ids: np.ndarray) -> np.ndarray:
+        if len(ids) == 0:
+            return np.zeros(0, dtype=bool)
+        scores, _ = eval_index.search(pool_image[ids], 1)
+        return scores[:, 0] >= threshold
+
+    return is_near_duplicate
+
+
+@dataclass
+class Selection:
+    """Pairs chosen by `select_anchors`.
+
+    Attributes:
+        table: one row per selected pair: `pool_index, class_index, template_index, score`, sorted by
+            class, template, then descending score.
+        excluded: candidate pairs dropped as near-duplicates of evaluation images.
+        depth: neighbours per query searched in the last round.
+    """
+
+    table: pd.DataFrame
+    excluded: int
+    depth: int
+
+
+def select_anchors(
+    pool: np.ndarray,
+    queries: np.ndarray,
+    k: int,
+    index: CosineIndex | None = None,
+    exclude: Callable[[np.ndarray], np.ndarray] | None = None,
+    min_score: float | None = None,
+    max_depth: int | None = None,
+    chunk_size: int = 8192,
+) -> Selection:
+    """Per class, the k best pool pairs under the per-template quota, dedupe and exclusion rules.
+
+    The result equals a greedy pass over *every* (pair, template-of-its-best-class) entry in descending
+    score, skipping excluded pairs, pairs already taken, full templates and scores below `min_score`.
+    Only searched candidates are scored exactly: an entry below the k'-th neighbour score of its query
+    can change the outcome only if that query's quota is still open, so the search depth doubles until
+    every open quota is closed (pool or `min_score` exhausted) or `max_depth` is reached.
+
+    Args:
+        pool: (N, D) normalized pool vectors (see `modality_vectors`).
+        queries: (C, T, D) normalized prompt vectors, class c with template t.
+        k: anchors per class.
+        index: a search index over `pool`; None builds one sized to the pool.
+        exclude: f(pool ids) -> bool mask of pairs that must never be selected.
+        min_score: lowest score a selected pair may have.
+        max_depth: cap on neighbours searched per query; None means 16 x the largest template quota.
+            A class whose pairs mostly belong to other classes may end up short of k.
+        chunk_size: candidates scored against all queries at once (bounds the (chunk, C*T) block).
+
+    Returns:
+        The selection.
+    """
+    pool = normalize(pool)
+    if queries.ndim != 3:
+        raise ValueError(f"queries must be (classes, templates, dim), got shape {queries.shape}")
+    n_classes, n_templates, dim = queries.shape
+    flat_queries = normalize(queries.reshape(n_classes * n_templates, dim))  # (Q, D), class-major
+    quotas = np.tile(class_quotas(k, n_templates), n_classes)  # (Q,) quota of each query
+    if index is None:
+        index = build_index(pool)
+    if index.ntotal != len(pool) or index.dim != pool.shape[1]:
+        raise ValueError(f"index holds {index.ntotal} x {index.dim} vectors but the pool is {pool.shape}")
+    n = len(pool)
+    max_depth = min(n, max_depth or 16 * int(quotas.max()))
+    depth = min(max_depth, max(2 * int(quotas.max()), 16))
+
+    ids_seen = np.zeros(0, dtype=np.int64)  # candidates scored so far, with their cached results:
+    best_class = np.zeros(0, dtype=np.int64)  # (M,) class of the best-matching prompt
+    class_scores = np.zeros((0, n_templates), dtype=np.float32)  # (M, T) scores vs that class's prompts
+    excluded = np.zeros(0, dtype=bool)  # (M,)
+    while True:
+        scores, ids = index.search(flat_queries, depth)  # (Q, depth)
+        # A query whose list reached the pool's end (or an IVF list that came back short) has seen every
+        # pair it can reach: nothing below its floor is left unseen.
+        complete = (ids < 0).any(axis=1) | (depth >= n)
+        floor = np.where(complete, -np.inf, scores[:, -1])  # (Q,)
+        new = np.setdiff1d(ids[ids >= 0], ids_seen)
+        new_best, new_scores = _score_candidates(pool[new], flat_queries, n_templates, chunk_size)
+        ids_seen = np.concatenate([ids_seen, new])
+        best_class = np.concatenate([best_class, new_best])
+        class_scores = np.concatenate([class_scores, new_scores])
+        excluded = np.concatenate([excluded, exclude(new) if exclude is not None else np.zeros(len(new), bool)])
+
+        table, counts = _greedy(ids_seen, best_class, class_scores, excluded, floor, quotas, k, min_score)
+        still_open = (counts < quotas) & np.isfinite(floor)
+        if min_score is not None:
+            still_open &= floor >= min_score
+        if not still_open.any() or depth >= max_depth:
+            return Selection(table=table, excluded=int(excluded.sum()), depth=depth)
+        depth = min(max_depth, 2 * depth)
+
+
+def _score_candidates(
+    candidates: np.ndarray, queries: np.ndarray, n_templates: int, chunk_size: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Best class of each candidate and its exact scores against that class's T prompts.
+
+    Args:
+        candidates: (M, D); queries: (Q, D) class-major with T templates per class.
+
+    Returns:
+        best: (M,) class index; scores: (M, T).
+    """
+    best = np.zeros(len(candidates), dtype=np.int64)
+    scores = np.zeros((len(candidates), n_templates), dtype=np.float32)
+    for start in range(0, len(candidates), chunk_size):
+        sims = candidates[start : start + chunk_size] @ queries.T  # (m, Q)
+        cls = sims.argmax(axis=1) // n_templates
+        per_class = sims.reshape(len(sims), -1, n_templates)  # (m, C, T)
+        best[start : start + len(sims)] = cls
+        scores[start : start + len(sims)] = per_class[np.arange(len(sims)), cls]
+    return best, scores
+
+
+def _greedy(
+    ids: np.ndarray,
+    best_class: np.ndarray,
+    class_scores: np.ndarray,
+    excluded: np.ndarray,
+    floor: np.ndarray,
+    quotas: np.ndarray,
+    k: int,
+    min_score: float | None,
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """Greedy assignment of candidates to (class, template) slots in descending score.
+
+    Returns:
+        The selection table and (Q,) pairs taken per slot.
+    """
+    n_templates = class_scores.shape[1]
+    item = np.repeat(np.arange(len(ids)), n_templates)  # one entry per (candidate, template)
+    template = np.tile(np.arange(n_templates), len(ids))
+    slot = best_class[item] * n_templates + template
+    score = class_scores.ravel()
+    keep = ~excluded[item] & (score >= floor[slot])
+    if min_score is not None:
+        keep &= score >= min_score
+    item, slot, score = item[keep], slot[keep], score[keep]
+    # A slot fills after at most k of its entries (its quota, plus entries whose pair went to another
+    # template of the same class, at most k - quota of them), so deeper entries can be dropped first.
+    by_slot = np.lexsort((ids[item], -score, slot))
+    slot_sorted = slot[by_slot]
+    rank = np.arange(len(by_slot)) - np.searchsorted(slot_sorted, slot_sorted, side="left")
+    top = by_slot[rank < k]
+    order = top[np.lexsort((ids[item[top]], -score[top]))]  # descending score, ties by pool row
+
+    # Plain lists: this loop runs over up to C * T * k entries, and numpy scalar indexing is slow.
+    taken, counts, room = [False] * len(ids), [0] * len(quotas), quotas.tolist()
+    chosen = []
+    for entry, pos, sl in zip(order.tolist(), item[order].tolist(), slot[order].tolist(), strict=True):
+        if taken[pos] or counts[sl] >= room[sl]:
+            continue
+        taken[pos] = True
+        counts[sl] += 1
+        chosen.append(entry)
+    chosen = np.asarray(chosen, dtype=np.int64)
+    table = pd.DataFrame(
+        {
+            "pool_index": ids[item[chosen]],
+            "class_index": slot[chosen] // n_templates,
+            "template_index": slot[chosen] % n_templates,
+            "score": score[chosen],
+        }
+    )
+    table = table.sort_values(["class_index", "template_index", "score"], ascending=[True, True, False])
+    return table.reset_index(drop=True), np.asarray(counts)
+
+
+def _safe_relpath(key: str) -> Path:
+    """A tar key as a relative path that cannot climb out of the images directory."""
+    parts = [p for p in Path(key).parts if p not in ("", ".", "..", "/")]
+    if not parts:
+        raise ValueError(f"webdataset key {key!r} names no file")
+    return Path(*parts)
+
+
+def materialize_images(rows: pd.DataFrame, out_dir: Path) -> list[str]:
+    """Extract the images of selected webdataset rows to `out_dir/images/<tar stem>/<key>.<ext>`.
+
+    Files already there with the right size are kept, so a re-run only extracts what is missing.
+
+    Returns:
+        Paths relative to `out_dir` (the manifest's directory), one per row.
+    """
+    paths = []
+    for tar, key, member, offset, size in zip(
+        rows["tar"], rows["key"], rows["member"], rows["offset"], rows["size"], strict=True
+    ):
+        suffix = Path(member).name.partition(".")[2]
+        relative = Path("images") / Path(tar).stem / _safe_relpath(f"{key}.{suffix}")
+        target = out_dir / relative
+        if not (target.is_file() and target.stat().st_size == size):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp")
+            tmp.write_bytes(read_image_bytes((tar, int(offset), int(size))))
+            os.replace(tmp, target)
+        paths.append(relative.as_posix())
+    return paths
+
+
+def anchor_table(
+    selection: pd.DataFrame, pool: PoolEmbeddings, classnames: Sequence[str], prompts: Sequence[str], out_dir: Path
+) -> pd.DataFrame:
+    """The retrieved-anchor pair manifest: `filepath, caption, image_id, class, score, query` + pool extras.
+
+    Manifest pools keep absolute file paths; webdataset images are extracted and referenced relative to
+    `out_dir`, where the manifest is written. Pool columns named like ours are kept as `pool_<name>`.
+    """
+    n_templates = len(prompts) // len(classnames)
+    rows = pool.rows.iloc[selection["pool_index"].to_numpy()].reset_index(drop=True)
+    if pool.kind == "webdataset":
+        filepaths = materialize_images(rows, out_dir)
+        image_ids = rows["key"].astype(str)
+        extras = rows.drop(columns=[*TAR_COLUMNS, "key", "caption"])
+    else:
+        filepaths = list(rows["filepath"])
+        image_ids = rows["image_id"].astype(str) if "image_id" in rows else selection["pool_index"].astype(str)
+        extras = rows.drop(columns=[c for c in ("filepath", "caption", "image_id") if c in rows])
+    table = pd.DataFrame(
+        {
+            "filepath": filepaths,
+            "caption": rows["caption"].to_numpy(),
+            "image_id": image_ids.to_numpy(),
+            "class": [classnames[c] for c in selection["class_index"]],
+            "score": selection["score"].to_numpy(),
+            "query": [
+                prompts[c * n_templates + t]
+                for c, t in zip(selection["class_index"], selection["template_index"], strict=True)
+            ],
+        }
+    )
+    extras = extras.rename(columns={c: f"pool_{c}" for c in extras.columns if c in table.columns})
+    return pd.concat([table, extras.reset_index(drop=True)], axis=1)
+
+
+def _label_names(anchors: pd.DataFrame, pool_classnames: Sequence[str] | None) -> pd.Series | None:
+    """Pool labels of the anchors as class names, or None when they cannot be named."""
+    if "label" not in anchors:
+        return None
+    labels = anchors["label"]
+    if pd.api.types.is_numeric_dtype(labels):
+        # Integer labels index the pool's own class list, which need not be the target class list.
+        if pool_classnames is None:
+            return None
+        if labels.min() < 0 or labels.max() >= len(pool_classnames):
+            raise ValueError(
+                f"pool labels span [{labels.min()}, {labels.max()}] but pool_classnames has "
+                f"{len(pool_classnames)} names; pass the class list the pool's labels index"
+            )
+        return labels.map(lambda i: pool_classnames[int(i)])
+    return labels.astype(str)
+
+
+def retrieval_report(
+    anchors: pd.DataFrame,
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    k: int,
+    pool_classnames: Sequence[str] | None = None,
+) -> dict:
+    """Counts, similarity statistics and, for labelled pools, precision and style mix of an anchor set.
+
+    `precision` is the share of anchors whose pool label is any target class; `class_precision` the
+    share whose pool label is the class it was retrieved for. Both need a `label` column holding class
+    names, or integers plus `pool_classnames`.
+    """
+    counts = anchors["class"].value_counts()
+    template = _template_of(anchors, classnames, templates)
+    per_class = {name: int(counts.get(name, 0)) for name in classnames}
+    scores = anchors["score"].to_numpy()
+    report: dict = {
+        "size": len(anchors),
+        "k": k,
+        "classes": len(classnames),
+        "per_class_counts": per_class,
+        "short_classes": {name: n for name, n in per_class.items() if n < k},
+        "per_template_counts": {t: int((template == t).sum()) for t in templates},
+        "score": {
+            name: float(fn(scores)) if len(scores) else None
+            for name, fn in {
+                "min": np.min,
+                "p05": lambda s: np.percentile(s, 5),
+                "mean": np.mean,
+                "median": np.median,
+                "p95": lambda s: np.percentile(s, 95),
+                "max": np.max,
+            }.items()
+        },
+        "precision": None,
+        "class_precision": None,
+    }
+    names = _label_names(anchors, pool_classnames)
+    if names is not None and len(anchors):
+        report["precision"] = float(names.isin(set(classnames)).mean())
+        report["class_precision"] = float((names.to_numpy() == anchors["class"].to_numpy()).mean())
+    elif "label" in anchors:
+        report["precision_note"] = "pool labels are integers; pass pool_classnames to name them"
+    if "style" in anchors and len(anchors):
+        report["style_mix"] = {str(s): float(v) for s, v in anchors["style"].value_counts(normalize=True).items()}
+        report["style_by_template"] = {
+            t: {str(s): int(v) for s, v in anchors.loc[template == t, "style"].value_counts().items()}
+            for t in templates
+        }
+    return report
+
+
+def save_score_histogram(
+    anchors: pd.DataFrame, templates: Sequence[str], classnames: Sequence[str], path: Path
+) -> None:
+    """A stacked histogram of anchor scores, one colour per query template (atomic PNG write)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg: no display needed on servers
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(7, 4))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    template = _template_of(anchors, classnames, templates)
+    groups = [anchors.loc[template == t, "score"].to_numpy() for t in templates]
+    scores = anchors["score"].to_numpy()
+    low, high = (float(scores.min()), float(scores.max())) if len(scores) else (0.0, 1.0)
+    pad = 0.01 if high - low < 1e-6 else 0.0  # equal scores still get bins of finite width
+    axes.hist(groups, bins=40, range=(low - pad, high + pad), stacked=True, label=list(templates))
+    axes.set_xlabel("cosine similarity of anchor to its query")
+    axes.set_ylabel("anchors")
+    axes.set_title(f"{len(anchors)} retrieved anchors")
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, format="png", dpi=100)
+    os.replace(tmp, path)
+
+
+def _eval_filepaths(manifests: Sequence[str]) -> list[str]:
+    paths = []
+    for manifest in manifests:
+        table = read_table(manifest)
+        if "filepath" not in table:
+            raise ValueError(f"eval manifest {manifest} has no 'filepath' column (found: {list(table.columns)})")
+        paths += [str((Path(manifest).parent / p).resolve()) for p in table["filepath"]]
+    return paths
+
+
+def retrieve(
+    pool: str | list[str],
+    classnames: str | list[str],
+    out_dir: str,
+    backbone: str | ClipBackbone = "open_clip:ViT-B-16",
+    pretrained: str | None = None,
+    backbone_config: dict | None = None,
+    templates: tuple[str, ...] = DEFAULT_TEMPLATES,
+    k: int = 100,
+    modality: Modality = "image",
+    min_score: float | None = None,
+    exclude_manifests: list[str] | None = None,
+    exclude_threshold: float = 0.95,
+    index_factory: str | None = None,
+    nprobe: int | None = None,
+    max_depth: int | None = None,
+    pool_classnames: str | list[str] | None = None,
+    embeddings_dir: str | None = None,
+    batch_size: int = 256,
+    num_workers: int = 4,
+    device: str = "cpu",
+    precision: Precision = "32",
+    shard_size: int = 50_000,
+) -> pd.DataFrame:
+    """Retrieve k image-text anchors per downstream class from a pool and write manifest + report.
+
+    Args:
+        pool: pair manifest (CSV/JSONL/parquet with `filepath, caption`), or webdataset tar paths/globs.
+        classnames: the downstream classes: a list, or a text file with one name per line.
+        out_dir: where the manifest, report, histogram (and extracted webdataset images) go.
+        backbone: registry spec (`open_clip:ViT-B-16`), or a ready `ClipBackbone` from Python.
+        pretrained: pretrained tag or checkpoint path for the spec; None for random init.
+        backbone_config: model config dict (JSON on the command line) instead of a named model.
+        templates: query templates with a `{c}` placeholder; k is split evenly over them.
+        k: anchors per class.
+        modality: what prompts are compared with: pool `image`s, `text` captions, or `both` (mean).
+        min_score: drop pairs scoring below this.
+        exclude_manifests: evaluation manifests (`filepath` column) whose images must not be retrieved.
+        exclude_threshold: image cosine at or above which a pool image counts as an evaluation image.
+        index_factory: faiss factory string overriding the size-based choice ("Flat", "IVF4000,Flat").
+        nprobe: IVF cells probed per query; None picks ~1% of the cells (at least 16).
+        max_depth: neighbours searched per query at most; None means 16 x the largest template quota.
+        pool_classnames: class names the pool's integer `label` column indexes (for the precision report).
+        embeddings_dir: where pool embeddings are sharded; None uses `out_dir/pool_embeddings`. Reused
+            (resumed) across runs with the same pool and backbone.
+        batch_size: pairs per forward pass when embedding.
+        num_workers: DataLoader workers when embedding.
+        device: torch device for the backbone.
+        precision: "32", or "bf16"/"16" autocast when embedding.
+        shard_size: manifest rows per embedding shard.
+
+    Returns:
+        The anchor manifest as written to `out_dir/retrieved_anchors.csv`.
+    """
+    names = read_classnames(classnames)
+    prompts = class_prompts(names, templates)
+    class_quotas(k, len(templates))  # validates k before any embedding starts
+    pool_names = read_classnames(pool_classnames) if pool_classnames is not None else None
+    eval_paths = _eval_filepaths(exclude_manifests or [])
+    out = Path(out_dir)
+    model, model_io, identity = resolve_backbone(backbone, pretrained=pretrained, config=backbone_config)
+
+    embeddings = embed_pool(
+        pool,
+        embeddings_dir or out / "pool_embeddings",
+        model,
+        model_io,
+        backbone_id=identity,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        precision=precision,
+        shard_size=shard_size,
+    )
+    model.eval().to(device)
+    with torch.no_grad():
+        prompt_features = normalize(model.encode_texts(prompts, batch_size=batch_size))  # (C*T, D)
+    if prompt_features.shape[1] != embeddings.image.shape[1]:
+        raise ValueError(
+            f"prompt features are {prompt_features.shape[1]}-d but pool embeddings are "
+            f"{embeddings.image.shape[1]}-d; the embeddings were made by another backbone"
+        )
+    queries = prompt_features.reshape(len(names), len(templates), -1)  # (C, T, D)
+    pool_vectors, query_vectors = modality_vectors(embeddings.image, embeddings.text, queries, modality)
+    index = build_index(pool_vectors, factory=index_factory, nprobe=nprobe)
+    exclude = None
+    if eval_paths:
+        eval_features = embed_images(eval_paths, model, model_io, batch_size, num_workers, device, precision)
+        exclude = near_duplicate_filter(embeddings.image, eval_features, exclude_threshold)
+    selection = select_anchors(
+        pool_vectors, query_vectors, k, index=index, exclude=exclude, min_score=min_score, max_depth=max_depth
+    )
+
+    anchors = anchor_table(selection.table, embeddings, names, prompts, out)
+    write_table(anchors, out / MANIFEST_NAME)
+    report = retrieval_report(anchors, names, templates, k, pool_names)
+    report.update(
+        pool={"size": len(embeddings.rows), "kind": embeddings.kind, "backbone": embeddings.backbone},
+        index={"factory": index.factory, "nprobe": index.nprobe, "depth": selection.depth},
+        excluded_near_duplicates=selection.excluded,
+        config={
+            "pool": pool,
+            "backbone": identity,
+            "templates": list(templates),
+            "modality": modality,
+            "min_score": min_score,
+            "exclude_manifests": exclude_manifests,
+            "exclude_threshold": exclude_threshold if eval_paths else None,
+            "max_depth": max_depth,
+        },
+    )
+    write_json(report, out / REPORT_NAME)
+    save_score_histogram(anchors, templates, names, out / HISTOGRAM_NAME)
+    return anchors
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Command line: `python -m anchor_clip.retrieve --help` (also takes `--config job.yaml`)."""
+    from jsonargparse import CLI
+
+    import anchor_clip.backbones  # noqa: F401  (registers the adapter families)
+
+    anchors = CLI(
+        retrieve, args=None if args is None else list(args), as_positional=False, prog="python -m anchor_clip.retrieve"
+    )
+    print(f"retrieved {len(anchors)} anchors for {anchors['class'].nunique()} classes")
