@@ -78,6 +78,8 @@ BACKBONE_SPECS: dict[str, tuple[str, dict | None]] = {
     "open_clip": ("open_clip", TINY_OPEN_CLIP),
     "hf_clip": ("hf_clip", TINY_HF_CLIP),
     "tiny_cnn": ("tiny_cnn:resnet18", {"embed_dim": 32}),  # the docs/new_backbone.md example
+    "world_clip": ("world_clip", {"embed_dim": 32, "image_width": 8, "text_width": 32, "text_layers": 1,
+                                  "text_heads": 2, "context_length": 16}),
 }
 
 TEXTS = ["a photo of a cat", "a sketch of a dog", "an origami crane, folded from red paper"]

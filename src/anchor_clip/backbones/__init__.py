@@ -4,6 +4,6 @@ from anchor_clip.backbones.base import BackboneIO, ClipBackbone
 from anchor_clip.backbones.registry import create_backbone, create_io, list_backbones, register_backbone
 
 # Importing an adapter module registers its family.
-from anchor_clip.backbones import hf_clip, open_clip  # noqa: E402,F401  isort: skip
+from anchor_clip.backbones import hf_clip, open_clip, world_clip  # noqa: E402,F401  isort: skip
 
 __all__ = ["BackboneIO", "ClipBackbone", "create_backbone", "create_io", "list_backbones", "register_backbone"]

@@ -12,16 +12,14 @@ appended as one JSON line with its config, which notebooks load with `load_resul
 from __future__ import annotations
 
 import json
-import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from anchor_clip.data.tables import write_table
+from anchor_clip.data.tables import write_atomic, write_table
 
 OOD_AVG = "OOD avg"
 TRANSFER_AVG = "ZS avg"
@@ -80,35 +78,15 @@ def results_table(results: pd.DataFrame | Iterable[Mapping[str, Any]], id_set: s
 
 def to_markdown(table: pd.DataFrame, digits: int = 1) -> str:
     """A GitHub markdown table; missing entries print as '-'."""
-    def cell(value: Any) -> str:
-        if isinstance(value, float):
-            return "-" if math.isnan(value) else f"{value:.{digits}f}"
-        return str(value)
-
-    header = [table.index.name or "", *map(str, table.columns)]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(table.columns)) + "|"]
-    lines += ["| " + " | ".join([str(index), *map(cell, row)]) + " |" for index, row in table.iterrows()]
-    return "\n".join(lines) + "\n"
-
-
-def _write_text(text: str, path: Path) -> None:
-    """Atomic text write: a temp file in the same directory, then a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    cells = table.astype(object).where(table.notna(), None)  # tabulate prints `missingval` for None, not NaN
+    return cells.to_markdown(floatfmt=f".{digits}f", missingval="-") + "\n"
 
 
 def write_results_table(table: pd.DataFrame, stem: str | os.PathLike, digits: int = 1) -> tuple[Path, Path]:
     """Write `<stem>.md` (rounded) and `<stem>.csv` (full precision), each atomically; returns both paths."""
     stem = Path(stem)
     markdown, csv = stem.with_name(stem.name + ".md"), stem.with_name(stem.name + ".csv")
-    _write_text(to_markdown(table, digits), markdown)
+    write_atomic(markdown, lambda tmp: Path(tmp).write_text(to_markdown(table, digits)))
     write_table(table.reset_index(), csv)
     return markdown, csv
 

@@ -1,0 +1,48 @@
+"""Feature drift: how far finetuning moved a model's features away from the pretrained ones.
+
+ARF's premise is that anchors keep the finetuned feature space close to the pretrained one where the
+finetune data says nothing (other styles, unseen classes). These measures make that visible per set.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from anchor_clip.backbones.base import ClipBackbone
+
+
+@torch.no_grad()
+def image_features(backbone: ClipBackbone, batches: Iterable[dict[str, Tensor]]) -> Tensor:
+    """(N, D) normalized features of every image the batches hold, in order."""
+    backbone.eval()
+    device = backbone.log_logit_scale.device
+    return torch.cat([backbone.encode_image(b["images"].to(device)).float().cpu() for b in batches])
+
+
+def linear_cka(x: Tensor, y: Tensor) -> float:
+    """Linear centered kernel alignment of two (N, D) feature matrices (Kornblith et al., 2019).
+
+    1 when one is an orthogonal transform (and scaling) of the other, near 0 for unrelated features.
+    """
+    x, y = x - x.mean(0), y - y.mean(0)
+    cross = (y.T @ x).norm() ** 2  # ||Y^T X||_F^2
+    return float(cross / ((x.T @ x).norm() * (y.T @ y).norm()))
+
+
+def feature_drift(reference: Tensor, other: Tensor) -> dict[str, float]:
+    """Drift between the features two models give the same N images.
+
+    Args:
+        reference: (N, D) normalized features of the pretrained model.
+        other: (N, D) normalized features of the finetuned model.
+
+    Returns:
+        `cosine`: mean cosine between each image's two features (1 = unmoved; comparable only because both
+        models share the pretrained parameterization); `cka`: linear CKA of the two feature sets.
+    """
+    if reference.shape != other.shape:
+        raise ValueError(f"features must describe the same images: {tuple(reference.shape)} vs {tuple(other.shape)}")
+    return {"cosine": float((reference * other).sum(-1).mean()), "cka": linear_cka(reference, other)}

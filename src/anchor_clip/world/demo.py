@@ -1,0 +1,278 @@
+"""The embedded experiment: ARF against its baselines and controls on the miniature world, offline.
+
+pretrain (cached) -> zero-shot -> FLYP -> ARF (caption, retrieval, both) -> controls: random-pool replay
+with as many pairs as the retrieved set and the same λ, and WiSE-FT α=0.5 of FLYP. Prints a table
+(ID, each shift, shift average, zero-shot classes, OOD average) and writes it as CSV and markdown, with a
+PNG of ID vs OOD per method, under the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pandas as pd
+
+from anchor_clip.anchors.caption import KnnCaptioner, caption_finetune_set
+from anchor_clip.anchors.retrieve import retrieve
+from anchor_clip.data import AnchorDataModule
+from anchor_clip.data.tables import read_table, write_atomic, write_table
+from anchor_clip.eval.drift import feature_drift, image_features
+from anchor_clip.eval.tables import to_markdown
+from anchor_clip.module import AnchorFinetuneModule
+from anchor_clip.wise import interpolate
+from anchor_clip.world.captions import CLASS_PROMPT, STYLE_PROMPT
+from anchor_clip.world.generate import World, WorldConfig, generate_world
+from anchor_clip.world.pretrain import PretrainRecipe, cache_root, pretrain_world_clip, world_eval_sets
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FinetuneRecipe:
+    """One finetune's settings, shared by every method so that only the anchors differ."""
+
+    steps: int = 400
+    batch_size: int = 128  # finetune images per step; anchor batches have the same size
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 20
+    caption_weight: float = 1.0  # λ_caption when the caption stream is on
+    retrieved_weight: float = 1.0  # λ_retrieved when the retrieved (or replay) stream is on
+    num_workers: int = 2
+
+
+@dataclass
+class AnchorRecipe:
+    """How the anchors are built (knobs of the anchor jobs, not world-only special cases)."""
+
+    retrieved_per_class: int = 1500  # k of the retrieval job, split evenly over the style query templates
+    caption_neighbours: int = 20  # kNN captioner: how far down the neighbours the label filter may walk
+    caption_label_filter: bool = True
+    exclude_threshold: float | None = 0.98  # drop pool images this close (cosine) to an eval image; None: keep all
+
+
+@dataclass
+class DemoConfig:
+    world: WorldConfig = field(default_factory=WorldConfig)
+    pretrain: PretrainRecipe = field(default_factory=PretrainRecipe)
+    finetune: FinetuneRecipe = field(default_factory=FinetuneRecipe)
+    anchors: AnchorRecipe = field(default_factory=AnchorRecipe)
+    model: dict | None = None  # world_clip config overrides (tests use a tiny one)
+    seed: int = 0  # finetune seed (world and pretraining have their own)
+    oracle: bool = False  # also run the ablation with the generator's true captions
+    wise_alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # WiSE-FT curve points (0.5 enters the table)
+
+
+def eval_templates(world: World) -> list[str]:
+    """Zero-shot head prompts: one per style, like the style words in CLIP's ImageNet prompt ensemble."""
+    return [STYLE_PROMPT.replace("{style}", style) for style in world.config.styles]
+
+
+def build_anchors(world: World, weights: Path, model: dict | None, recipe: AnchorRecipe,
+                  out: Path) -> dict[str, Path]:
+    """Run the two anchor jobs with the pretrained world CLIP, plus the random-replay control set."""
+    classnames = str(world.finetune_classnames_file)
+    retrieved_dir = out / "retrieved"
+    if not (retrieved_dir / "retrieved_anchors.csv").is_file():
+        retrieve(pool=str(world.pool), classnames=classnames, out_dir=str(retrieved_dir), backbone="world_clip",
+                 pretrained=str(weights), backbone_config=model, templates=tuple(STYLE_PROMPT.replace("{style}", s)
+                                                          for s in world.config.styles),
+                 k=recipe.retrieved_per_class, pool_classnames=str(world.classnames_file),
+                 exclude_manifests=None if recipe.exclude_threshold is None else
+                 [str(s.manifest) for s in world.eval_sets.values()],
+                 exclude_threshold=recipe.exclude_threshold or 1.0, num_workers=2)
+    retrieved = retrieved_dir / "retrieved_anchors.csv"
+
+    replay = out / "replay" / "replay_anchors.csv"
+    if not replay.is_file():
+        pool = read_table(world.pool, required=("filepath", "caption"), what="world pool")
+        sample = pool.sample(n=len(read_table(retrieved)), random_state=0)
+        sample["filepath"] = [str((world.pool.parent / p).resolve()) for p in sample["filepath"]]
+        write_table(sample, replay)
+
+    # The kNN captioner searches the pool embeddings the retrieval job already made.
+    captioner = KnnCaptioner("world_clip", pool_embeddings=str(retrieved_dir / "pool_embeddings"),
+                             pretrained=str(weights), config=model, label_filter=recipe.caption_label_filter,
+                             top_m=recipe.caption_neighbours, num_workers=2)
+    captions = caption_finetune_set(str(world.finetune), str(out / "captions_knn"), captioner, classnames=classnames,
+                                    other_classnames=str(world.zeroshot_classnames_file), num_workers=2)
+    return {"retrieved": retrieved, "replay": replay, "captions": Path(captions.table)}
+
+
+def methods(anchors: dict[str, Path], world: World, oracle: bool) -> dict[str, dict]:
+    """Streams and weights of each finetuned method (zero-shot and WiSE-FT need no finetune of their own)."""
+    runs = {
+        "flyp": {},
+        "arf_caption": {"captions": anchors["captions"]},
+        "arf_retrieval": {"retrieved": anchors["retrieved"]},
+        "arf": {"captions": anchors["captions"], "retrieved": anchors["retrieved"]},
+        "replay": {"retrieved": anchors["replay"]},
+    }
+    if oracle:
+        runs["oracle_caption"] = {"captions": world.captions_oracle}
+    return runs
+
+
+def _datamodule(world: World, recipe: FinetuneRecipe, weights: Path, model: dict | None, captions=None,
+                retrieved=None) -> AnchorDataModule:
+    return AnchorDataModule(
+        finetune=str(world.finetune), classnames=str(world.finetune_classnames_file), templates=[CLASS_PROMPT],
+        captions=None if captions is None else str(captions), retrieved=None if retrieved is None else str(retrieved),
+        eval_sets=world_eval_sets(world), eval_templates=eval_templates(world), batch_size=recipe.batch_size,
+        num_workers=recipe.num_workers, backbone="world_clip", backbone_config=model, pretrained=str(weights))
+
+
+def evaluate(module: AnchorFinetuneModule, data: AnchorDataModule) -> dict[str, float]:
+    """Top-1 accuracy (%) of `module` on every evaluation set of `data`."""
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
+    result = trainer.validate(module, data, verbose=False)
+    merged = {k: v for r in result for k, v in r.items()}
+    return {name.split("/")[1]: 100.0 * value for name, value in merged.items() if name.endswith("/acc")}
+
+
+def finetune(world: World, weights: Path, recipe: FinetuneRecipe, run_dir: Path, seed: int, model: dict | None,
+             captions=None, retrieved=None) -> AnchorFinetuneModule:
+    """One finetune of the pretrained world CLIP on the finetune stream plus the given anchors."""
+    L.seed_everything(seed, workers=True)
+    module = AnchorFinetuneModule(
+        backbone="world_clip", pretrained=str(weights), backbone_config=model, lr=recipe.lr,
+        weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps,
+        caption_weight=recipe.caption_weight if captions else 0.0,
+        retrieved_weight=recipe.retrieved_weight if retrieved else 0.0)
+    data = _datamodule(world, recipe, weights, model, captions, retrieved)
+    trainer = L.Trainer(max_steps=recipe.steps, default_root_dir=run_dir, limit_val_batches=0,
+                        num_sanity_val_steps=0, enable_model_summary=False, log_every_n_steps=20,
+                        logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs"), enable_checkpointing=False)
+    trainer.fit(module, data)
+    return module
+
+
+def wise_curves(pretrained: AnchorFinetuneModule, finetuned: dict[str, AnchorFinetuneModule],
+                data: AnchorDataModule, world: World, alphas: tuple[float, ...]) -> pd.DataFrame:
+    """Accuracies of WiSE-FT interpolations between the pretrained model and each finetuned one, per α."""
+    merged = copy.deepcopy(pretrained)
+    rows = []
+    for method, module in finetuned.items():
+        for alpha in alphas:
+            merged.backbone.load_state_dict(interpolate(pretrained.backbone.state_dict(),
+                                                        module.backbone.state_dict(), alpha))
+            rows.append({"method": method, "alpha": alpha, **evaluate(merged, data)})
+    return pd.DataFrame(rows)
+
+
+def summarize_curves(curves: pd.DataFrame, world: World) -> pd.DataFrame:
+    """`summarize` for every (method, α) row of `wise_curves`."""
+    table = summarize({i: row.drop(["method", "alpha"]).to_dict() for i, row in curves.iterrows()}, world)
+    return pd.concat([curves[["method", "alpha"]], table.reset_index(drop=True)], axis=1)
+
+
+def drift_table(pretrained: AnchorFinetuneModule, finetuned: dict[str, AnchorFinetuneModule],
+                data: AnchorDataModule) -> pd.DataFrame:
+    """Image-feature drift from the pretrained model, per finetuned method and evaluation set."""
+    data.setup("validate")
+    loaders = dict(zip([s.name for s in data.eval_specs], data.val_dataloader(), strict=True))
+    reference = {name: image_features(pretrained.backbone, loader) for name, loader in loaders.items()}
+    return pd.DataFrame([
+        {"method": method, "set": name, **feature_drift(reference[name], image_features(module.backbone, loader))}
+        for method, module in finetuned.items() for name, loader in loaders.items()
+    ])
+
+
+def summarize(results: dict[str, dict[str, float]], world: World) -> pd.DataFrame:
+    """Per method: ID, each shift, shift average, zero-shot classes and the OOD average (shift avg, zero-shot)."""
+    shifts = [f"shift_{s}" for s in world.shift_styles]
+    rows = []
+    for method, acc in results.items():
+        row = {"method": method, "id": acc["id"], **{s: acc[s] for s in shifts}}
+        row["shift_avg"] = float(np.mean([acc[s] for s in shifts]))
+        row["zeroshot"] = acc["zeroshot"]
+        row["ood_avg"] = (row["shift_avg"] + row["zeroshot"]) / 2
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("method").round(2)
+
+
+def plot(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5))
+    for method, row in table.iterrows():
+        ax.scatter(row["ood_avg"], row["id"], s=40)
+        ax.annotate(method, (row["ood_avg"], row["id"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("OOD average (shift avg, zero-shot classes), %")
+    ax.set_ylabel("ID accuracy, %")
+    ax.set_title("Miniature world: ID vs OOD")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def run_demo(config: DemoConfig, out: str | Path) -> pd.DataFrame:
+    """Run every method once (finetune seed `config.seed`) and write results under `out`."""
+    out = Path(out)
+    timings = {}
+    start = time.perf_counter()
+    world = generate_world(cache_root() / "worlds", config.world)
+    weights = pretrain_world_clip(world, model_config=config.model, recipe=config.pretrain)
+    timings["world_and_pretrain_s"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    anchor_dir = cache_root() / "anchors" / weights.parent.name / json.dumps(asdict(config.anchors), sort_keys=True
+                                                                             ).encode().hex()[:16]
+    anchors = build_anchors(world, weights, config.model, config.anchors, anchor_dir)
+    timings["anchors_s"] = time.perf_counter() - start
+
+    eval_data = _datamodule(world, config.finetune, weights, config.model)
+    pretrained = AnchorFinetuneModule(backbone="world_clip", pretrained=str(weights), backbone_config=config.model)
+    results = {"zeroshot": evaluate(pretrained, eval_data)}
+    modules = {}
+    for name, streams in methods(anchors, world, config.oracle).items():
+        start = time.perf_counter()
+        modules[name] = finetune(world, weights, config.finetune, out / "runs" / name, config.seed, config.model,
+                                 **streams)
+        timings[f"{name}_s"] = time.perf_counter() - start
+        results[name] = evaluate(modules[name], eval_data)
+        log.info("%s: %s", name, results[name])
+
+    curves = wise_curves(pretrained, {m: modules[m] for m in ("flyp", "arf")}, eval_data, world, config.wise_alphas)
+    results["wise_flyp_0.5"] = curves.set_index(["method", "alpha"]).loc[("flyp", 0.5)].to_dict()
+
+    table = summarize(results, world)
+    write_table(summarize_curves(curves, world), out / "wise.csv")
+    write_table(drift_table(pretrained, modules, eval_data), out / "drift.csv")
+    write_table(table.reset_index(), out / "results.csv")
+    write_atomic(out / "results.md", lambda tmp: Path(tmp).write_text(to_markdown(table)))
+    plot(table, out / "id_vs_ood.png")
+    report = {"config": asdict(config), "timings_s": timings, "anchors": {k: str(v) for k, v in anchors.items()},
+              "world": str(world.root), "pretrained": str(weights)}
+    write_atomic(out / "demo.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1, default=str)))
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="outputs/demo", help="output folder for the table, CSV and PNG")
+    parser.add_argument("--seed", type=int, default=0, help="finetune seed")
+    parser.add_argument("--steps", type=int, default=FinetuneRecipe.steps, help="finetune steps per method")
+    parser.add_argument("--oracle", action="store_true", help="also run the oracle-caption ablation")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    config = DemoConfig(seed=args.seed, oracle=args.oracle, finetune=FinetuneRecipe(steps=args.steps))
+    table = run_demo(config, args.out)
+    print(to_markdown(table))
+    print(f"\nwritten to {Path(args.out).resolve()}: results.csv/.md, id_vs_ood.png, wise.csv, drift.csv, demo.json")
+
+
+if __name__ == "__main__":
+    main()

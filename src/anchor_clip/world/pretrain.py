@@ -1,0 +1,102 @@
+"""Pretraining the world's CLIP on its pool, with the library's own module on a pairs-only stream.
+
+The result plays the part of OpenAI's CLIP in the embedded experiments, so it must be trained to a
+plateau: replaying pool pairs during finetuning should then preserve features, not simply continue
+pretraining. It is cached under the user cache directory, keyed by world, model config and recipe, and a
+killed run resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from anchor_clip.data import AnchorDataModule, EvalSet
+from anchor_clip.data.tables import write_atomic
+from anchor_clip.module import AnchorFinetuneModule
+from anchor_clip.world.generate import World
+
+PRETRAIN_VERSION = 1  # bump when the recipe's meaning changes, so old caches are not reused
+
+
+def cache_root() -> Path:
+    """`$ANCHOR_CLIP_CACHE`, else `$XDG_CACHE_HOME/anchor_clip`, else `~/.cache/anchor_clip`."""
+    if "ANCHOR_CLIP_CACHE" in os.environ:
+        return Path(os.environ["ANCHOR_CLIP_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "anchor_clip"
+
+
+@dataclass(frozen=True)
+class PretrainRecipe:
+    """Optimisation settings of world-CLIP pretraining."""
+
+    steps: int = 1500
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    num_workers: int = 2
+    seed: int = 0
+
+
+def world_eval_sets(world: World, names: tuple[str, ...] | None = None) -> list[EvalSet]:
+    """The world's evaluation sets as `EvalSet`s, templates left to the data module's default."""
+    return [
+        EvalSet(name, str(s.manifest), str(s.classnames))
+        for name, s in world.eval_sets.items()
+        if names is None or name in names
+    ]
+
+
+def pretrain_key(world: World, model_config: dict[str, Any] | None, recipe: PretrainRecipe) -> str:
+    payload = {"version": PRETRAIN_VERSION, "world": world.config.key, "model": model_config or {},
+               "recipe": asdict(recipe)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def pretrain_world_clip(world: World, model_config: dict[str, Any] | None = None,
+                        recipe: PretrainRecipe = PretrainRecipe(), cache_dir: str | Path | None = None) -> Path:
+    """Pretrain (or reuse) the world CLIP and return the path of its backbone state dict.
+
+    Args:
+        world: a generated world; its pool is the pretraining data.
+        model_config: overrides of the `world_clip` backbone config.
+        recipe: optimisation settings.
+        cache_dir: where runs and results live; defaults to `cache_root()`.
+
+    Returns:
+        `<cache>/world_clip/<key>/world_clip.pt`, loadable with `create_backbone("world_clip", pretrained=path)`.
+    """
+    run_dir = Path(cache_dir or cache_root()) / "world_clip" / pretrain_key(world, model_config, recipe)
+    weights = run_dir / "world_clip.pt"
+    if weights.is_file():
+        return weights
+    L.seed_everything(recipe.seed, workers=True)
+    module = AnchorFinetuneModule(backbone="world_clip", backbone_config=model_config, retrieved_weight=1.0,
+                                  lr=recipe.lr, weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps)
+    data = AnchorDataModule(retrieved=str(world.pool), eval_sets=world_eval_sets(world, ("id", "zeroshot")),
+                            batch_size=recipe.batch_size, num_workers=recipe.num_workers, backbone="world_clip",
+                            backbone_config=model_config)
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=250)
+    # Validate once, at the last step: the zero-shot accuracy the cache records.
+    trainer = L.Trainer(max_steps=recipe.steps, default_root_dir=run_dir, callbacks=[checkpoints],
+                        logger=CSVLogger(run_dir, name="logs"), val_check_interval=recipe.steps,
+                        check_val_every_n_epoch=None, num_sanity_val_steps=0, enable_model_summary=False,
+                        log_every_n_steps=25)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    trainer.fit(module, data, ckpt_path=str(last) if last.is_file() else None)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    summary = {"recipe": asdict(recipe), "model_config": model_config, "world": world.config.key, "metrics": metrics}
+    write_atomic(run_dir / "pretrain.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
+    # The weights file is written last: its presence means the whole run is done.
+    write_atomic(weights, lambda tmp: torch.save(module.backbone.state_dict(), tmp))
+    return weights

@@ -1,0 +1,69 @@
+"""The embedded demo end to end on a tiny world: every method runs, the outputs are written, notebooks render."""
+
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+from nbclient import NotebookClient
+
+from anchor_clip.world.demo import AnchorRecipe, DemoConfig, FinetuneRecipe, run_demo
+from anchor_clip.world.generate import WorldConfig
+from anchor_clip.world.pretrain import PretrainRecipe
+
+TINY_WORLD_CLIP = {"embed_dim": 32, "image_width": 8, "text_width": 32, "text_layers": 1, "text_heads": 2}
+METHODS = {"zeroshot", "flyp", "arf_caption", "arf_retrieval", "arf", "replay", "oracle_caption", "wise_flyp_0.5"}
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ANCHOR_CLIP_CACHE", str(root / "cache"))
+        config = DemoConfig(
+            world=WorldConfig(num_classes=6, finetune_classes=3, pool_size=240, finetune_per_class=8,
+                              eval_per_class=4),
+            pretrain=PretrainRecipe(steps=4, batch_size=32, num_workers=0, warmup_steps=1),
+            finetune=FinetuneRecipe(steps=2, batch_size=8, num_workers=0, warmup_steps=1),
+            anchors=AnchorRecipe(retrieved_per_class=8, exclude_threshold=None),  # random towers: all images alike
+            model=TINY_WORLD_CLIP,
+            oracle=True,
+        )
+        table = run_demo(config, root / "out")
+    return {"table": table, "out": root / "out", "cache": root / "cache"}
+
+
+def test_demo_table_has_every_method_and_consistent_averages(demo):
+    table = demo["table"]
+    assert set(table.index) == METHODS
+    for column in ("id", "shift_sketch", "shift_cartoon", "shift_painting", "shift_avg", "zeroshot", "ood_avg"):
+        assert table[column].between(0, 100).all(), column
+    row = table.loc["flyp"]
+    assert abs(row["shift_avg"] - row[["shift_sketch", "shift_cartoon", "shift_painting"]].mean()) < 0.01
+    assert abs(row["ood_avg"] - (row["shift_avg"] + row["zeroshot"]) / 2) < 0.01
+    assert set(pd.read_csv(demo["out"] / "results.csv")["method"]) == METHODS
+    assert (demo["out"] / "id_vs_ood.png").stat().st_size > 1000
+
+
+def test_wise_curve_endpoints_are_the_pretrained_and_finetuned_models(demo):
+    curves = pd.read_csv(demo["out"] / "wise.csv").set_index(["method", "alpha"])
+    table = demo["table"]
+    for method in ("flyp", "arf"):
+        assert curves.loc[(method, 0.0), "id"] == pytest.approx(table.loc["zeroshot", "id"])
+        assert curves.loc[(method, 1.0), "id"] == pytest.approx(table.loc[method, "id"])
+    assert curves.loc[("flyp", 0.5), "ood_avg"] == pytest.approx(table.loc["wise_flyp_0.5", "ood_avg"])
+
+
+def test_replay_control_has_as_many_pairs_as_the_retrieved_anchors(demo):
+    anchors = {p.parent.name: len(pd.read_csv(p)) for p in (demo["cache"] / "anchors").rglob("*_anchors.csv")}
+    assert anchors["replay"] == anchors["retrieved"] > 0
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_renders_the_demo_outputs(demo, notebook, monkeypatch):
+    monkeypatch.setenv("ANCHOR_CLIP_DEMO", str(demo["out"]))
+    nb = nbformat.read(notebook, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}}
+                   ).execute()
+    assert all(cell.get("outputs") is not None for cell in nb.cells if cell.cell_type == "code")
