@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -13,14 +14,20 @@ from torchmetrics.classification import MulticlassAccuracy
 from transformers import get_cosine_schedule_with_warmup
 
 from anchor_clip.backbones import ClipBackbone, create_backbone
+from anchor_clip.callbacks import BadDataMonitor
 from anchor_clip.data.datamodule import EvalSpec
 from anchor_clip.losses import ARFLoss
 
 Pairs = dict[str, tuple[Tensor, Tensor]]
+NONFINITE_MODES = ("raise", "skip")
 
 
 class AnchorFinetuneModule(L.LightningModule):
     """Contrastive finetuning of a two-tower model on up to three streams of pairs.
+
+    A run stops rather than continuing silently wrong: a non-finite step raises (or is skipped, see
+    `nonfinite`), and `configure_callbacks` brings `BadDataMonitor`, which counts the images the loaders
+    skipped and stops a stream with too many (docs/reliability.md).
 
     Args:
         backbone: registry spec, e.g. ``open_clip:ViT-B-16`` or ``world_clip``.
@@ -39,6 +46,9 @@ class AnchorFinetuneModule(L.LightningModule):
         lock_image: freeze the image tower.
         lock_text: freeze the text tower.
         grad_checkpointing: recompute activations in the backward pass to save memory.
+        nonfinite: what a step with a NaN/inf loss or gradient does: ``raise`` stops the run before the update
+            (the last checkpoint predates the divergence), ``skip`` drops the update and counts it
+            (`train/skipped_nonfinite`); the learning-rate schedule advances either way.
     """
 
     def __init__(
@@ -59,10 +69,12 @@ class AnchorFinetuneModule(L.LightningModule):
         lock_image: bool = False,
         lock_text: bool = False,
         grad_checkpointing: bool = False,
+        nonfinite: Literal["raise", "skip"] = "raise",
     ) -> None:
         super().__init__()
-        if not 0.0 < caption_fraction <= 1.0:
-            raise ValueError(f"model.caption_fraction must be in (0, 1], got {caption_fraction}")
+        check_hyperparameters(caption_weight=caption_weight, retrieved_weight=retrieved_weight,
+                              caption_fraction=caption_fraction, lr=lr, warmup_steps=warmup_steps,
+                              nonfinite=nonfinite)
         self.save_hyperparameters()
         self.backbone = self.build_backbone()
         self.backbone.lock(image=lock_image, text=lock_text)
@@ -73,6 +85,8 @@ class AnchorFinetuneModule(L.LightningModule):
         self.eval_specs: list[EvalSpec] = []
         self.heads: dict[str, Tensor] = {}
         self.accuracy = nn.ModuleDict()
+        self.skipped_nonfinite = 0
+        self._step_terms: list[dict[str, Tensor]] = []  # loss terms since the last optimizer step, for diagnosis
 
     # -- hooks for subclasses ------------------------------------------------------------------------------
     def build_backbone(self) -> ClipBackbone:
@@ -124,9 +138,15 @@ class AnchorFinetuneModule(L.LightningModule):
             self.objective = ARFLoss(self.weights, gather=self._gather, rank=self.global_rank)
         datamodule = getattr(self.trainer, "datamodule", None)
         self.eval_specs = list(getattr(datamodule, "eval_specs", []))
+        # average="micro": top-1 accuracy over images, as the papers report (torchmetrics' default, "macro",
+        # averages per-class recall, which differs on sets with unequal class sizes such as ImageNet-R)
         self.accuracy = nn.ModuleDict(
-            {s.name: MulticlassAccuracy(num_classes=s.num_classes, top_k=1) for s in self.eval_specs}
+            {s.name: MulticlassAccuracy(num_classes=s.num_classes, top_k=1, average="micro") for s in self.eval_specs}
         )
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The module consumes the batches, so it brings the monitor of the images their loaders skipped."""
+        return [BadDataMonitor()]
 
     def _gather(self, x: Tensor) -> Tensor:
         return self.all_gather(x, sync_grads=True).flatten(0, 1)  # (W, B, D) -> (W*B, D)
@@ -136,10 +156,51 @@ class AnchorFinetuneModule(L.LightningModule):
         logit_scale = self.backbone.logit_scale
         # ARF: L = L_finetune + λ_caption·L_caption + λ_retrieved·L_retrieved (terms of inactive streams absent)
         losses = self.objective(pairs, logit_scale)
+        self._step_terms.append({k: v.detach() for k, v in losses.items()})
         batch_size = len(next(iter(pairs.values()))[0])
-        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=batch_size)
+        # sync_dist: under DDP each process holds a *local* loss; their mean is the loss of the global batch
+        self.log_dict({f"train/{k}": v for k, v in losses.items()}, prog_bar=True, batch_size=batch_size,
+                      sync_dist=True)
         self.log("train/logit_scale", logit_scale, batch_size=batch_size)
         return losses["loss"]
+
+    # -- divergence ----------------------------------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Stop (``raise``) or skip (``skip``) an update whose gradients or loss are not finite.
+
+        Runs after backward, so under DDP the gradients are already averaged and every process takes the
+        same decision. The check is the total gradient norm, finite only if every gradient is. With a
+        fp16 `GradScaler`, overflowing gradients are routine (the scaler skips those steps and lowers its
+        scale), so there the loss terms are checked instead, agreed over processes.
+        Skipping sets every gradient to None: AdamW then leaves weights *and* moments as they were.
+        """
+        terms, self._step_terms = self._step_terms, []
+        if not self._update_is_finite(terms):
+            bad = sorted({name for t in terms for name, value in t.items() if not torch.isfinite(value)})
+            culprit = f"train/{', train/'.join(bad)}" if bad else "gradient (every loss term is finite on this process)"
+            if self.hparams.nonfinite == "raise":
+                last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none saved yet"
+                raise FloatingPointError(
+                    f"non-finite {culprit} at step {self.global_step}; the update was not applied. Last checkpoint: "
+                    f"{last}. Lower model.lr or raise model.warmup_steps, or set model.nonfinite=skip to skip "
+                    "such steps"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            self.skipped_nonfinite += 1
+        self.log("train/skipped_nonfinite", float(self.skipped_nonfinite), on_step=True, on_epoch=False)
+
+    def _update_is_finite(self, terms: list[dict[str, Tensor]]) -> bool:
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            local = all(bool(torch.isfinite(v)) for t in terms for v in t.values())
+            return self.trainer.strategy.reduce_boolean_decision(local, all=True)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["skipped_nonfinite"] = self.skipped_nonfinite
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_nonfinite = checkpoint.get("skipped_nonfinite", 0)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -168,6 +229,8 @@ class AnchorFinetuneModule(L.LightningModule):
         self.build_heads()
 
     def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int, stage: str) -> None:
+        if "images" not in batch:  # every image of the batch was unreadable (counted by BadDataMonitor)
+            return
         spec = self.eval_specs[dataloader_idx]
         name = spec.name
         logits = self.backbone.encode_image(batch["images"]) @ self.heads[name]  # (B, D) @ (D, C_head)
@@ -183,3 +246,21 @@ class AnchorFinetuneModule(L.LightningModule):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step(batch, dataloader_idx, "test")
+
+
+def check_hyperparameters(caption_weight: float, retrieved_weight: float, caption_fraction: float, lr: float,
+                          warmup_steps: int, nonfinite: str) -> None:
+    """Refuse settings that would train silently wrong, with the accepted range in the message."""
+    for name, weight in (("caption_weight", caption_weight), ("retrieved_weight", retrieved_weight)):
+        if not (math.isfinite(weight) and weight >= 0.0):
+            raise ValueError(f"model.{name} (a λ of ARF's loss) must be a finite number >= 0, got {weight}; "
+                             "0 turns the stream off")
+    if not 0.0 < caption_fraction <= 1.0:
+        raise ValueError(f"model.caption_fraction must be in (0, 1], got {caption_fraction}; it is the share of each "
+                         "finetune batch whose captions enter the caption loss")
+    if not (math.isfinite(lr) and lr > 0.0):
+        raise ValueError(f"model.lr must be a finite number > 0, got {lr}")
+    if warmup_steps < 0:
+        raise ValueError(f"model.warmup_steps must be >= 0, got {warmup_steps}")
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"model.nonfinite must be one of {list(NONFINITE_MODES)}, got {nonfinite!r}")

@@ -13,7 +13,7 @@ import torch
 
 from anchor_clip.backbones.base import ImageTransform
 from anchor_clip.data.images import LabelledImages
-from anchor_clip.data.tables import check_templates, read_table
+from anchor_clip.data.tables import check_templates, check_unique, read_table
 
 
 class FinetuneImages(LabelledImages):
@@ -23,7 +23,8 @@ class FinetuneImages(LabelledImages):
         manifest: table with `image_id`, `filepath`, `label`.
         classnames: the finetune class names.
         templates: prompt templates with a `{c}` for the class name; one is drawn per image and step
-            (FLYP trains on the prompt texts, not a fixed head).
+            (FLYP trains on the prompt texts, not a fixed head) from torch's RNG, which the training loader
+            seeds per item (`GuardedItems`), so the draw is a function of (seed, epoch, position).
         transform: training image transform.
         captions: optional caption table (`image_id`, `caption`) covering every finetune image.
     """
@@ -37,7 +38,9 @@ class FinetuneImages(LabelledImages):
         self.captions = None if captions is None else self._match_captions(captions)
 
     def _match_captions(self, path: str | Path) -> list[str]:
-        table = read_table(path, required=("image_id", "caption"), what="data.captions")
+        table = read_table(path, required=("image_id", "caption"), what="data.captions",
+                           nonempty=("image_id", "caption"))
+        check_unique(table, "image_id", "data.captions", path)
         by_id = dict(zip(table["image_id"], table["caption"], strict=True))
         ids = self.frame["image_id"].tolist()
         missing = [i for i in ids if i not in by_id]

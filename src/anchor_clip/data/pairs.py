@@ -7,7 +7,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from anchor_clip.backbones.base import ImageTransform
-from anchor_clip.data.images import load_image
+from anchor_clip.data.images import read_image
 from anchor_clip.data.tables import read_table, resolve_paths
 
 
@@ -23,9 +23,10 @@ class ImageTextPairs(Dataset):
 
     def __init__(self, manifest: str | Path, transform: ImageTransform, min_pairs: int = 1,
                  what: str = "data.retrieved") -> None:
-        frame = read_table(manifest, required=("filepath", "caption"), what=what)
+        frame = read_table(manifest, required=("filepath", "caption"), what=what, nonempty=("filepath", "caption"))
         if len(frame) < min_pairs:
-            raise ValueError(f"{what}: {manifest} has {len(frame)} pairs, fewer than the minimum {min_pairs}")
+            raise ValueError(f"{what}: {manifest} has {len(frame)} pairs, fewer than the minimum {min_pairs} (one "
+                             "global batch); re-run the retrieval with a larger k or lower the retrieved batch size")
         self.paths = resolve_paths(frame, manifest)
         self.captions = frame["caption"].tolist()
         self.transform = transform
@@ -34,4 +35,4 @@ class ImageTextPairs(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        return {"images": self.transform(load_image(self.paths[index])), "texts": self.captions[index]}
+        return {"images": self.transform(read_image(self.paths[index])), "texts": self.captions[index]}

@@ -24,13 +24,16 @@ _READERS = {
 }
 
 
-def read_table(path: str | Path, required: Sequence[str] = (), what: str = "table") -> pd.DataFrame:
+def read_table(path: str | Path, required: Sequence[str] = (), what: str = "table",
+               nonempty: Sequence[str] = ()) -> pd.DataFrame:
     """Load a table and check it has the `required` columns.
 
     Args:
         path: a .csv, .jsonl or .parquet file.
         required: column names the caller needs.
         what: the config field or role of the table, named in errors.
+        nonempty: columns that may hold no null or blank value (a missing caption would otherwise train as
+            the text "None" or "").
     """
     path = Path(path)
     if not path.is_file():
@@ -47,10 +50,28 @@ def read_table(path: str | Path, required: Sequence[str] = (), what: str = "tabl
             f"{what}: {path} has no column(s) {missing} (found: {list(frame.columns)}). "
             f"Expected columns {list(required)}; CSV files must be comma-separated with a header row."
         )
+    for column in nonempty:
+        values = frame[column]
+        blank = values.isna() | values.astype(str).str.strip().eq("")
+        if blank.any():
+            key = frame["image_id"] if "image_id" in frame.columns and column != "image_id" else None
+            first = (key[blank] if key is not None else frame.index[blank]).tolist()[:5]
+            raise ValueError(
+                f"{what}: {path} has {int(blank.sum())} empty value(s) in column {column!r} (first "
+                f"{'image_ids' if key is not None else 'rows'}: {first}); fill or drop those rows"
+            )
     for column in _STRING_COLUMNS:
         if column in frame.columns:
             frame[column] = frame[column].astype(str)
     return frame
+
+
+def check_unique(frame: pd.DataFrame, column: str, what: str, path: str | Path) -> None:
+    """Ids that key a join (`image_id`) must be unique, or rows silently take another row's value."""
+    duplicated = frame[column][frame[column].duplicated()].unique().tolist()
+    if duplicated:
+        raise ValueError(f"{what}: {path} repeats {len(duplicated)} {column}(s) (first: {duplicated[:5]}); "
+                         f"each {column} must appear once")
 
 
 def write_atomic(path: str | Path, write: Callable[[str], object]) -> Path:
