@@ -310,7 +310,8 @@ def test_evaluate_cli_tables_zero_shot_finetuned_and_wise_ft_endpoints(tmp_path,
     assert table.loc["FT WiSE-FT α=1"].equals(table.loc["FT"])
     assert table["OOD avg"].equals((table["imagenet_r"] + table["shapes"]) / 2)
     header = (out / "table.md").read_text().splitlines()[0]
-    assert [c.strip() for c in header.strip("|").split("|")] == ["method", "imagenet", "imagenet_r", "shapes", "OOD avg"]
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    assert columns == ["method", "imagenet", "imagenet_r", "shapes", "OOD avg"]
     frame = load_results(out / "results.jsonl")
     assert len(frame) == 5 * 3 and set(frame.loc[frame["dataset"] == "imagenet_r", "n"]) == {6}
     assert frame.loc[frame["method"] == "FT WiSE-FT α=0.5", "alpha"].eq(0.5).all()

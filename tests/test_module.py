@@ -47,21 +47,21 @@ def test_shared_image_pass_equals_naive_three_stream_loss(batch):
 
 
 def test_shared_step_makes_one_image_call_and_one_text_call(batch):
-    module = make_module()
+    module = make_module(dedupe_prompts=False)
     calls = _count_calls(module)
     module.encode_streams(batch)
     assert calls == {"image": [8 + 6], "text": [8 + 8 + 6]}
 
 
 def test_naive_step_encodes_finetune_images_twice(batch):
-    module = make_module(share_image_pass=False, fuse_encoder_calls=False)
+    module = make_module(share_image_pass=False, fuse_encoder_calls=False, dedupe_prompts=False)
     calls = _count_calls(module)
     module.encode_streams(batch)
     assert calls == {"image": [8, 8, 6], "text": [8, 8, 6]}
 
 
 def test_zero_anchor_weights_skip_anchor_compute_entirely(batch):
-    module = make_module(caption_weight=0.0, retrieved_weight=0.0)
+    module = make_module(caption_weight=0.0, retrieved_weight=0.0, dedupe_prompts=False)
     calls = _count_calls(module)
     pairs = module.encode_streams(batch)
     assert list(pairs) == ["finetune"] and calls == {"image": [8], "text": [8]}
@@ -86,3 +86,20 @@ def test_param_groups_exclude_temperature_from_weight_decay():
     decay, no_decay = module.backbone.param_groups(0.1)
     assert all(p is not module.backbone.log_logit_scale for p in decay["params"])
     assert any(p is module.backbone.log_logit_scale for p in no_decay["params"])
+
+
+def test_deduplicated_prompts_give_the_same_loss_and_gradients(batch):
+    finetune = dict(batch["finetune"])
+    finetune["texts"] = finetune["texts"][torch.arange(8) % 3]  # 8 images, 3 distinct prompts
+    dedup_batch = {"finetune": finetune, "retrieved": batch["retrieved"]}
+    grads = {}
+    for dedupe in (True, False):
+        module = make_module(dedupe_prompts=dedupe)
+        calls = _count_calls(module)
+        loss = module.objective(module.encode_streams(dedup_batch), module.backbone.logit_scale)["loss"]
+        loss.backward()
+        grads[dedupe] = (loss.detach(), [p.grad.clone() for p in module.parameters() if p.grad is not None])
+        assert calls["text"] == ([3 + 8 + 6] if dedupe else [8 + 8 + 6])
+    assert torch.allclose(grads[True][0], grads[False][0], atol=1e-6)
+    for a, b in zip(grads[True][1], grads[False][1], strict=True):
+        assert torch.allclose(a, b, atol=1e-5)

@@ -38,18 +38,24 @@ VIT_B16_MODEL = {
 }
 
 
-def make_batch(config: dict, batch: int, generator: torch.Generator) -> dict[str, dict[str, torch.Tensor]]:
-    """Random images and token ids in the shapes the data module yields (B_ret = B_ft)."""
+def make_batch(config: dict, batch: int, classes: int,
+               generator: torch.Generator) -> dict[str, dict[str, torch.Tensor]]:
+    """Random images and token ids in the shapes the data module yields (B_ret = B_ft).
+
+    Finetune texts are class prompts, so they repeat: each is one of `classes` distinct token rows.
+    """
     size, length = config["vision_cfg"]["image_size"], config["text_cfg"]["context_length"]
 
-    def tokens() -> torch.Tensor:
-        return torch.randint(1, 49406, (batch, length), generator=generator)
+    def tokens(n: int = batch) -> torch.Tensor:
+        return torch.randint(1, 49406, (n, length), generator=generator)
+
+    prompts = tokens(classes)[torch.randint(classes, (batch,), generator=generator)]  # (B, L), repeated rows
 
     def images() -> torch.Tensor:
         return torch.randn(batch, 3, size, size, generator=generator)
 
     return {
-        "finetune": {"images": images(), "labels": torch.zeros(batch, dtype=torch.long), "texts": tokens(),
+        "finetune": {"images": images(), "labels": torch.zeros(batch, dtype=torch.long), "texts": prompts,
                      "captions": tokens()},
         "retrieved": {"images": images(), "texts": tokens()},
     }
@@ -142,11 +148,12 @@ def open_clip_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, bat
     return step
 
 
-def run(config: dict, batch_size: int, device: str, precision: str, warmup: int, repeats: int) -> dict:
+def run(config: dict, batch_size: int, classes: int, device: str, precision: str, warmup: int,
+        repeats: int) -> dict:
     device = torch.device(device)
     dtype = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}[precision]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    batch = make_batch(config, batch_size, torch.Generator().manual_seed(0))
+    batch = make_batch(config, batch_size, classes, torch.Generator().manual_seed(0))
     batch = {s: {k: v.to(device) for k, v in d.items()} for s, d in batch.items()}
     variants = {
         "flyp": {"caption_weight": 0.0, "retrieved_weight": 0.0},
@@ -181,6 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["bench", "vit-b-16"], default="bench", help="model size")
     parser.add_argument("--batch-size", type=int, default=32, help="finetune batch; retrieved batch is the same")
+    parser.add_argument("--classes", type=int, default=20, help="distinct class prompts in the finetune batch")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["32", "bf16", "16"], default="32")
     parser.add_argument("--warmup", type=int, default=2)
@@ -188,9 +196,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--results", help="append the measurement as a JSON line to this file")
     args = parser.parse_args(argv)
     config = BENCH_MODEL if args.model == "bench" else VIT_B16_MODEL
-    out = run(config, args.batch_size, args.device, args.precision, args.warmup, args.repeats)
+    out = run(config, args.batch_size, args.classes, args.device, args.precision, args.warmup,
+              args.repeats)
     print(f"device {args.device} ({platform.processor() or platform.machine()}), torch threads "
-          f"{torch.get_num_threads()}, model {args.model}, batch {args.batch_size}, precision {args.precision}")
+          f"{torch.get_num_threads()}, model {args.model}, batch {args.batch_size} ({args.classes} classes), precision {args.precision}")
     print(f"{'step':<12}{'median s':>10}{'min s':>9}{'images/s':>10}{'memory MB':>11}")
     for name, r in out["steps"].items():
         print(f"{name:<12}{r['median_s']:>10.3f}{r['min_s']:>9.3f}{out['images_per_s'][name]:>10.1f}"

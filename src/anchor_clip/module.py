@@ -38,6 +38,8 @@ class AnchorFinetuneModule(L.LightningModule):
         caption_fraction: share of each finetune batch whose captions enter the caption loss.
         share_image_pass: encode finetune images once for the finetune and caption losses.
         fuse_encoder_calls: one image and one text encoder call per step over all streams (terms stay separate).
+        dedupe_prompts: encode each distinct class prompt of a finetune batch once (a batch of B images holds at
+            most as many distinct prompts as classes × templates); features and gradients are unchanged.
         lr: peak AdamW learning rate.
         weight_decay: AdamW decay, not applied to biases, norms, embeddings or the temperature.
         betas: AdamW betas (CLIP's 0.9/0.98).
@@ -61,6 +63,7 @@ class AnchorFinetuneModule(L.LightningModule):
         caption_fraction: float = 1.0,
         share_image_pass: bool = True,
         fuse_encoder_calls: bool = True,
+        dedupe_prompts: bool = True,
         lr: float = 1e-5,
         weight_decay: float = 0.1,
         betas: tuple[float, float] = (0.9, 0.98),
@@ -100,13 +103,17 @@ class AnchorFinetuneModule(L.LightningModule):
         The caption stream reuses the finetune image features (ARF's text-compensated anchors are
         captions *of the finetune images*), and with `fuse_encoder_calls` all images go through the image
         tower in one call and all texts through the text tower in one call, which keeps an ARF step close
-        to a FLYP step. The loss terms are unchanged by either option.
+        to a FLYP step. The loss terms are unchanged by these options.
         """
         hp = self.hparams
         images: dict[str, Tensor] = {}
         texts: dict[str, Tensor] = {}
+        prompt_index = None
         if "finetune" in batch:
             images["finetune"], texts["finetune"] = batch["finetune"]["images"], batch["finetune"]["texts"]
+            if hp.dedupe_prompts:
+                # (B, L) prompts -> (U, L) distinct ones; prompt_index[i] is the row of prompt i among them
+                texts["finetune"], prompt_index = torch.unique(texts["finetune"], dim=0, return_inverse=True)
             if self.objective.active("caption"):
                 if "captions" not in batch["finetune"]:
                     raise ValueError("model.caption_weight > 0 but the batch has no captions: set data.captions")
@@ -118,6 +125,8 @@ class AnchorFinetuneModule(L.LightningModule):
             images["retrieved"], texts["retrieved"] = batch["retrieved"]["images"], batch["retrieved"]["texts"]
         image_features = self._encode(self.backbone.encode_image, images)
         text_features = self._encode(self.backbone.encode_text, texts)
+        if prompt_index is not None:
+            text_features["finetune"] = text_features["finetune"][prompt_index]  # (U, D) -> (B, D)
         if "caption" in texts and "caption" not in image_features:
             image_features["caption"] = image_features["finetune"][: len(texts["caption"])]
         return {s: (image_features[s], text_features[s]) for s in texts}
