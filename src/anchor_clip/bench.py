@@ -199,7 +199,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = run(config, args.batch_size, args.classes, args.device, args.precision, args.warmup,
               args.repeats)
     print(f"device {args.device} ({platform.processor() or platform.machine()}), torch threads "
-          f"{torch.get_num_threads()}, model {args.model}, batch {args.batch_size} ({args.classes} classes), precision {args.precision}")
+          f"{torch.get_num_threads()}, model {args.model}, batch {args.batch_size} ({args.classes} classes), "
+          f"precision {args.precision}")
     print(f"{'step':<12}{'median s':>10}{'min s':>9}{'images/s':>10}{'memory MB':>11}")
     for name, r in out["steps"].items():
         print(f"{name:<12}{r['median_s']:>10.3f}{r['min_s']:>9.3f}{out['images_per_s'][name]:>10.1f}"

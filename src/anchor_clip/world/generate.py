@@ -43,7 +43,7 @@ from anchor_clip.world.shapes import SHAPE_NAMES
 log = logging.getLogger(__name__)
 
 #: Bumped whenever drawing, wording or split logic changes, so worlds cached under an old key are not reused.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 #: Images per worker task; worlds of at most two chunks are drawn in-process.
 CHUNK = 1000
 _SPLIT_CODES = {"classes": 0, "pool": 1, "finetune": 2, "eval_id": 3, "eval_zeroshot": 4}  # seeds the split streams

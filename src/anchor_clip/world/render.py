@@ -156,7 +156,7 @@ def _photo(mask, pattern, fg, bg, rng):
     """Textured, shaded object with a drop shadow on an unevenly lit background, plus sensor noise."""
     size = mask.shape[0]
     yy, xx = _pixel_centres(size)
-    back = _mix(_col(bg), _col(_second_tone(bg, 0.3)), pattern)
+    back = _mix(_col(bg), _col(_second_tone(bg, 0.18)), pattern)
     back = back * (0.8 + 0.35 * _smooth_noise(rng, size, 4))  # uneven lighting
     # a soft drop shadow (down-right, blurred) gives depth, a cue only photos have
     shadow = np.roll(mask, (1, 1), axis=(0, 1))
@@ -175,7 +175,7 @@ def _sketch(mask, pattern, fg, bg, rng):
     size = mask.shape[0]
     yy, xx = _pixel_centres(size)
     paper = np.array([0.96, 0.95, 0.91], dtype=np.float32)
-    back = _mix(_col(paper), _col(bg), 0.12 + 0.25 * pattern)  # background colour and pattern as a faint wash
+    back = _mix(_col(paper), _col(bg), 0.12 + 0.18 * pattern)  # background colour and pattern as a faint wash
     back = back + 0.03 * (_smooth_noise(rng, size, 8) - 0.5)
     ink = fg * 0.8
     if float(ink @ _LUMA) > 0.5:  # a white or yellow pencil would vanish on paper: darken, keep the hue
@@ -192,7 +192,7 @@ def _sketch(mask, pattern, fg, bg, rng):
 
 def _cartoon(mask, pattern, fg, bg, rng):
     """Flat colours, a dark outline, no texture."""
-    back = _mix(_col(bg), _col(bg + (1 - bg) * 0.45), pattern)  # flat, light second tone
+    back = _mix(_col(bg), _col(bg + (1 - bg) * 0.3), pattern)  # flat, light second tone
     outline = _shift_max(mask, 1) - mask  # a dark pixel ring just outside, so small objects keep their fill
     ink = np.array([0.07, 0.06, 0.08], dtype=np.float32)
     return _mix(_mix(back, _col(fg), mask), _col(ink), outline)
@@ -214,7 +214,7 @@ def _smear(image: np.ndarray, step: tuple[int, int], passes: int) -> np.ndarray:
 def _painting(mask, pattern, fg, bg, rng):
     """Wobbly edges, saturated and unevenly mixed colours, brush streaks in one direction."""
     size = mask.shape[0]
-    back = _mix(_col(bg), _col(_second_tone(bg, 0.22)), pattern)
+    back = _mix(_col(bg), _col(_second_tone(bg, 0.15)), pattern)
     image = _mix(back, _col(fg), mask)
     # hand-painted edges: sample the scene through a smooth random displacement of about a pixel
     yy, xx = _pixel_centres(size)
