@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
-from anchor_clip.world.demo import AnchorRecipe, DemoConfig, FinetuneRecipe, run_demo
+from anchor_clip.fit import cli_main
+from anchor_clip.world.demo import AnchorRecipe, DemoConfig, FinetuneRecipe, fit_args, run_demo
 from anchor_clip.world.generate import WorldConfig
 from anchor_clip.world.pretrain import PretrainRecipe
 
@@ -31,7 +32,7 @@ def demo(tmp_path_factory):
             oracle=True,
         )
         table = run_demo(config, root / "out")
-    return {"table": table, "out": root / "out", "cache": root / "cache"}
+    return {"table": table, "out": root / "out", "cache": root / "cache", "config": config}
 
 
 def test_demo_table_has_every_method_and_consistent_averages(demo):
@@ -58,6 +59,16 @@ def test_wise_curve_endpoints_are_the_pretrained_and_finetuned_models(demo):
 def test_replay_control_has_as_many_pairs_as_the_retrieved_anchors(demo):
     anchors = {p.parent.name: len(pd.read_csv(p)) for p in (demo["cache"] / "anchors").rglob("*_anchors.csv")}
     assert anchors["replay"] == anchors["retrieved"] > 0
+
+
+def test_fit_without_arguments_runs_arf_on_the_world(demo, tmp_path, monkeypatch):
+    monkeypatch.setenv("ANCHOR_CLIP_CACHE", str(demo["cache"]))
+    args = fit_args(demo["config"])  # the world, its CLIP and the anchors come from the cache
+    cli = cli_main([*args, "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1",
+                    "--trainer.default_root_dir", str(tmp_path)])
+    frame = pd.read_csv(next(tmp_path.rglob("metrics.csv")))
+    assert {"train/loss_caption", "train/loss_retrieved", "val/zeroshot/acc"} <= set(frame.columns)
+    assert cli.trainer.global_step == 2
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

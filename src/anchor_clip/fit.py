@@ -11,6 +11,7 @@ data order and schedule (see docs/reliability.md), and checkpoints are written a
 from __future__ import annotations
 
 import os
+import sys
 
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Trainer
@@ -63,4 +64,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> AnchorCLI:
 
 
 if __name__ == "__main__":
-    cli_main()
+    if len(sys.argv) > 1:
+        cli_main()
+    else:  # the embedded default: ARF on the miniature world, prepared (and cached) first
+        from anchor_clip.world.demo import fit_args
+
+        cli_main(fit_args())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import logging
 import time
@@ -59,13 +60,17 @@ class AnchorRecipe:
     exclude_threshold: float | None = 0.98  # drop pool images this close (cosine) to an eval image; None: keep all
 
 
+#: The world CLIP of the demo: narrower than `WorldClipConfig`'s defaults so pretraining fits CPU minutes.
+WORLD_MODEL = {"image_width": 16, "text_width": 64, "text_layers": 2, "text_heads": 2, "embed_dim": 64}
+
+
 @dataclass
 class DemoConfig:
     world: WorldConfig = field(default_factory=WorldConfig)
     pretrain: PretrainRecipe = field(default_factory=PretrainRecipe)
     finetune: FinetuneRecipe = field(default_factory=FinetuneRecipe)
     anchors: AnchorRecipe = field(default_factory=AnchorRecipe)
-    model: dict | None = None  # world_clip config overrides (tests use a tiny one)
+    model: dict | None = field(default_factory=lambda: dict(WORLD_MODEL))  # world_clip config overrides
     seed: int = 0  # finetune seed (world and pretraining have their own)
     oracle: bool = False  # also run the ablation with the generator's true captions
     wise_alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # WiSE-FT curve points (0.5 enters the table)
@@ -218,20 +223,53 @@ def plot(table: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(config: DemoConfig, out: str | Path) -> pd.DataFrame:
-    """Run every method once (finetune seed `config.seed`) and write results under `out`."""
-    out = Path(out)
-    timings = {}
+def prepare(config: DemoConfig, timings: dict[str, float] | None = None) -> tuple[World, Path, dict[str, Path]]:
+    """The world, its pretrained CLIP and the anchors, each built once and cached under `cache_root()`."""
+    timings = {} if timings is None else timings
     start = time.perf_counter()
     world = generate_world(cache_root() / "worlds", config.world)
     weights = pretrain_world_clip(world, model_config=config.model, recipe=config.pretrain)
     timings["world_and_pretrain_s"] = time.perf_counter() - start
-
     start = time.perf_counter()
-    anchor_dir = cache_root() / "anchors" / weights.parent.name / json.dumps(asdict(config.anchors), sort_keys=True
-                                                                             ).encode().hex()[:16]
-    anchors = build_anchors(world, weights, config.model, config.anchors, anchor_dir)
+    key = hashlib.sha256(json.dumps(asdict(config.anchors), sort_keys=True).encode()).hexdigest()[:12]
+    anchors = build_anchors(world, weights, config.model, config.anchors,
+                            cache_root() / "anchors" / weights.parent.name / key)
     timings["anchors_s"] = time.perf_counter() - start
+    return world, weights, anchors
+
+
+def fit_args(config: DemoConfig | None = None) -> list[str]:
+    """`python -m anchor_clip.fit` arguments for ARF (both anchor streams) on the embedded world.
+
+    What `python -m anchor_clip.fit` runs when given no arguments: the world, its CLIP and the anchors are
+    prepared (cached) first, then the run is an ordinary LightningCLI fit whose flags can be copied.
+    """
+    config = config or DemoConfig()
+    world, weights, anchors = prepare(config)
+    recipe = config.finetune
+    eval_sets = [asdict(s) for s in world_eval_sets(world)]
+    return [
+        "fit", "--seed_everything", str(config.seed),
+        "--model.backbone", "world_clip", "--model.pretrained", str(weights),
+        "--model.backbone_config", json.dumps(config.model),
+        "--model.caption_weight", str(recipe.caption_weight), "--model.retrieved_weight", str(recipe.retrieved_weight),
+        "--model.lr", str(recipe.lr), "--model.weight_decay", str(recipe.weight_decay),
+        "--model.warmup_steps", str(recipe.warmup_steps),
+        "--data.finetune", str(world.finetune), "--data.classnames", str(world.finetune_classnames_file),
+        "--data.templates", json.dumps([CLASS_PROMPT]), "--data.captions", str(anchors["captions"]),
+        "--data.retrieved", str(anchors["retrieved"]), "--data.eval_sets", json.dumps(eval_sets),
+        "--data.eval_templates", json.dumps(eval_templates(world)), "--data.batch_size", str(recipe.batch_size),
+        "--data.num_workers", str(recipe.num_workers),
+        "--trainer.max_steps", str(recipe.steps), "--trainer.val_check_interval", str(recipe.steps),
+        "--trainer.check_val_every_n_epoch", "null", "--trainer.default_root_dir", "runs/world_arf",
+    ]
+
+
+def run_demo(config: DemoConfig, out: str | Path) -> pd.DataFrame:
+    """Run every method once (finetune seed `config.seed`) and write results under `out`."""
+    out = Path(out)
+    timings: dict[str, float] = {}
+    world, weights, anchors = prepare(config, timings)
 
     eval_data = _datamodule(world, config.finetune, weights, config.model)
     pretrained = AnchorFinetuneModule(backbone="world_clip", pretrained=str(weights), backbone_config=config.model)
