@@ -211,10 +211,13 @@ class AnchorFinetuneModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.skipped_nonfinite = checkpoint.get("skipped_nonfinite", 0)
 
+    def param_groups(self) -> list[dict]:
+        """AdamW parameter groups; subclasses with parameters outside the backbone add theirs."""
+        return self.backbone.param_groups(self.hparams.weight_decay)
+
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.AdamW(self.backbone.param_groups(hp.weight_decay), lr=hp.lr, betas=hp.betas,
-                                      eps=hp.eps)
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=hp.betas, eps=hp.eps)
         total = self.trainer.estimated_stepping_batches
         scheduler = get_cosine_schedule_with_warmup(optimizer, hp.warmup_steps, int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

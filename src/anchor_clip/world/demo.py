@@ -1,9 +1,9 @@
 """The embedded experiment: ARF against its baselines and controls on the miniature world, offline.
 
-pretrain (cached) -> zero-shot -> FLYP -> ARF (caption, retrieval, both) -> controls: random-pool replay
-with as many pairs as the retrieved set and the same λ, and WiSE-FT α=0.5 of FLYP. Prints a table
-(ID, each shift, shift average, zero-shot classes, OOD average) and writes it as CSV and markdown, with a
-PNG of ID vs OOD per method, under the output folder.
+pretrain (cached) -> zero-shot -> LP, FT, LP-FT -> FLYP -> ARF (caption, retrieval, both) -> controls:
+random-pool replay with as many pairs as the retrieved set and the same λ, and WiSE-FT of FLYP and ARF.
+Prints a table (ID, each shift, shift average, zero-shot classes, OOD average) and writes it as CSV and
+markdown, with a PNG of ID vs OOD per method, WiSE-FT curves and feature drift, under the output folder.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import pandas as pd
 
 from anchor_clip.anchors.caption import KnnCaptioner, caption_finetune_set
 from anchor_clip.anchors.retrieve import retrieve
+from anchor_clip.baselines import ClassifierFinetuneModule
 from anchor_clip.data import AnchorDataModule
 from anchor_clip.data.tables import read_table, write_atomic, write_table
 from anchor_clip.eval.drift import feature_drift, image_features
@@ -113,8 +114,14 @@ def build_anchors(world: World, weights: Path, model: dict | None, recipe: Ancho
 
 
 def methods(anchors: dict[str, Path], world: World, oracle: bool) -> dict[str, dict]:
-    """Streams and weights of each finetuned method (zero-shot and WiSE-FT need no finetune of their own)."""
+    """`finetune` arguments of each finetuned method (zero-shot and WiSE-FT need no finetune of their own).
+
+    The classifier baselines come first: LP-FT starts from the head the LP run saves.
+    """
     runs = {
+        "lp": {"classifier": {"linear_probe": True}},
+        "ft": {"classifier": {}},
+        "lp_ft": {"classifier": {"init_head": "lp"}},
         "flyp": {},
         "arf_caption": {"captions": anchors["captions"]},
         "arf_retrieval": {"retrieved": anchors["retrieved"]},
@@ -144,19 +151,30 @@ def evaluate(module: AnchorFinetuneModule, data: AnchorDataModule) -> dict[str, 
 
 
 def finetune(world: World, weights: Path, recipe: FinetuneRecipe, run_dir: Path, seed: int, model: dict | None,
-             captions=None, retrieved=None) -> AnchorFinetuneModule:
-    """One finetune of the pretrained world CLIP on the finetune stream plus the given anchors."""
+             captions=None, retrieved=None, classifier: dict | None = None) -> AnchorFinetuneModule:
+    """One finetune of the pretrained world CLIP on the finetune stream plus the given anchors.
+
+    With `classifier` (`ClassifierFinetuneModule` arguments; `init_head` names an earlier run whose head
+    starts this one) it is a cross-entropy baseline instead; its head is saved as `run_dir/../<name>/head.pt`.
+    """
     L.seed_everything(seed, workers=True)
-    module = AnchorFinetuneModule(
-        backbone="world_clip", pretrained=str(weights), backbone_config=model, lr=recipe.lr,
-        weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps,
-        caption_weight=recipe.caption_weight if captions else 0.0,
-        retrieved_weight=recipe.retrieved_weight if retrieved else 0.0)
+    common = dict(backbone="world_clip", pretrained=str(weights), backbone_config=model, lr=recipe.lr,
+                  weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps)
+    if classifier is not None:
+        init = classifier.get("init_head")
+        module = ClassifierFinetuneModule(
+            linear_probe=classifier.get("linear_probe", False),
+            init_head=None if init is None else str(run_dir.parent / init / "head.pt"), **common)
+    else:
+        module = AnchorFinetuneModule(caption_weight=recipe.caption_weight if captions else 0.0,
+                                      retrieved_weight=recipe.retrieved_weight if retrieved else 0.0, **common)
     data = _datamodule(world, recipe, weights, model, captions, retrieved)
     trainer = L.Trainer(max_steps=recipe.steps, default_root_dir=run_dir, limit_val_batches=0,
                         num_sanity_val_steps=0, enable_model_summary=False, log_every_n_steps=20,
                         logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs"), enable_checkpointing=False)
     trainer.fit(module, data)
+    if classifier is not None:
+        module.save_head(str(run_dir / "head.pt"))
     return module
 
 
@@ -275,10 +293,10 @@ def run_demo(config: DemoConfig, out: str | Path) -> pd.DataFrame:
     pretrained = AnchorFinetuneModule(backbone="world_clip", pretrained=str(weights), backbone_config=config.model)
     results = {"zeroshot": evaluate(pretrained, eval_data)}
     modules = {}
-    for name, streams in methods(anchors, world, config.oracle).items():
+    for name, kwargs in methods(anchors, world, config.oracle).items():
         start = time.perf_counter()
         modules[name] = finetune(world, weights, config.finetune, out / "runs" / name, config.seed, config.model,
-                                 **streams)
+                                 **kwargs)
         timings[f"{name}_s"] = time.perf_counter() - start
         results[name] = evaluate(modules[name], eval_data)
         log.info("%s: %s", name, results[name])
