@@ -45,7 +45,13 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from anchor_clip.anchors.embed import Precision, embed_pool, load_pool_embeddings, resolve_backbone
+from anchor_clip.anchors.embed import (
+    Precision,
+    check_fingerprint,
+    embed_pool,
+    load_pool_embeddings,
+    resolve_backbone,
+)
 from anchor_clip.anchors.index import CosineIndex, build_index
 from anchor_clip.backbones import ClipBackbone, create_backbone
 from anchor_clip.backbones.base import ImageTransform
@@ -625,12 +631,7 @@ def _finished_shards(out_dir: Path, fingerprint: dict) -> dict[int, dict]:
     finished: dict[int, dict] = {}
     for index_file in sorted(out_dir.glob("index-*.json")):
         state = json.loads(index_file.read_text())
-        if state["fingerprint"] != fingerprint:
-            changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
-            raise ValueError(
-                f"{out_dir} holds captions of a different job ({index_file.name} differs in {changed}); resuming "
-                "would mix them. Use another out_dir, or delete this one to start over."
-            )
+        check_fingerprint(state["fingerprint"], fingerprint, out_dir, f"captions ({index_file.name})")
         finished.update({int(shard): entry for shard, entry in state["shards"].items()})
     return finished
 

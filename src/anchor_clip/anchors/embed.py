@@ -298,17 +298,22 @@ def _save_shard(out_dir: Path, shard: int, image: np.ndarray, text: np.ndarray, 
     write_table(rows.reset_index(drop=True), files["meta"])
 
 
+def check_fingerprint(stored: dict, expected: dict, out_dir: Path, what: str) -> None:
+    """Refuse to resume a sharded job whose finished shards were made with other settings."""
+    if stored != expected:
+        changed = sorted(k for k in expected if stored.get(k) != expected[k])
+        raise ValueError(
+            f"{out_dir} holds {what} of a different job (differs in {changed}); resuming would mix "
+            "them. Use another output directory, or delete this one to start over."
+        )
+
+
 def _load_state(out_dir: Path, fingerprint: dict) -> dict:
     index_file = out_dir / "index.json"
     if not index_file.exists():
         return {"fingerprint": fingerprint, "finished": []}
     state = json.loads(index_file.read_text())
-    if state["fingerprint"] != fingerprint:
-        changed = sorted(k for k in fingerprint if state["fingerprint"].get(k) != fingerprint[k])
-        raise ValueError(
-            f"{out_dir} holds embeddings of a different job (differs in {changed}); resuming would mix "
-            "them. Use another output directory, or delete this one to start over."
-        )
+    check_fingerprint(state["fingerprint"], fingerprint, out_dir, "embeddings")
     return state
 
 

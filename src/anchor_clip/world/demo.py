@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 class FinetuneRecipe:
     """One finetune's settings, shared by every method so that only the anchors differ."""
 
-    steps: int = 400
+    steps: int = 300
     batch_size: int = 128  # finetune images per step; anchor batches have the same size
     lr: float = 1e-3
     weight_decay: float = 0.1

@@ -39,9 +39,9 @@ def cache_root() -> Path:
 class PretrainRecipe:
     """Optimisation settings of world-CLIP pretraining."""
 
-    steps: int = 1500
+    steps: int = 800
     batch_size: int = 256
-    lr: float = 2e-3
+    lr: float = 3e-3
     weight_decay: float = 0.1
     warmup_steps: int = 100
     num_workers: int = 2
