@@ -126,6 +126,28 @@ def test_gradient_checkpointing_gives_the_same_gradients(image_norm):
         assert torch.allclose(grad, grads[1][name], atol=1e-6), name
 
 
+def test_frozen_batch_stats_make_image_features_independent_of_the_batch():
+    backbone = _tiny(freeze_batch_stats=True).train()
+    assert backbone.training
+    stats = [m.running_mean.clone() for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    images, _ = _batch(backbone)
+    together = backbone.encode_image(images)
+    alone = torch.cat([backbone.encode_image(image[None]) for image in images])
+    assert torch.allclose(together, alone, atol=1e-5)
+    after = [m.running_mean for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(stats, after, strict=True))
+    _contrastive(backbone, *_batch(backbone)).backward()  # the norms' affine weights still learn
+    assert all(m.weight.grad is not None for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_batch_norm_in_training_mode_does_depend_on_the_batch():
+    backbone = _tiny().train()
+    images, _ = _batch(backbone)
+    together = backbone.encode_image(images)
+    alone = torch.cat([backbone.encode_image(images[i : i + 2]) for i in (0, 2)])
+    assert not torch.allclose(together, alone, atol=1e-3)  # why freeze_batch_stats exists
+
+
 def test_saved_state_dict_reproduces_encodings_exactly(tmp_path):
     backbone = _tiny()
     path = tmp_path / "world_clip.pt"

@@ -34,7 +34,14 @@ class WorldClipConfig:
     embed_dim: int = 128  # joint image-text embedding size
     image_size: int = 32  # input pixels per side (the world's default)
     image_width: int = 32  # channels of the first conv layer; doubled at each of the next three
-    image_norm: str = "group"  # "group": batch-independent, like a ViT's LayerNorm; "batch": BatchNorm2d
+    # "batch" (BatchNorm2d) or "group" (GroupNorm, batch-independent like a ViT's LayerNorm). Batch norm is the
+    # default because CLIP on the world learns shapes far faster with it: a small tower reached 83% zero-shot on
+    # the ID set after 1600 steps of 256 pairs, against 21% with group norm after 1700 (colours, styles and
+    # positions were learned either way).
+    image_norm: str = "batch"
+    # keep BatchNorm's running statistics fixed while training (finetuning): features then stop depending on
+    # what else is in the batch, so e.g. a photo-only finetune batch cannot shift the statistics sketches use
+    freeze_batch_stats: bool = False
     context_length: int = 32  # tokens per text, SOT and EOT included (world captions stay under 30 words)
     text_width: int = 128  # transformer width
     text_layers: int = 3
@@ -301,6 +308,7 @@ class WorldClipBackbone(ClipBackbone):
         self.config = config or WorldClipConfig()
         self._io = build_io(self.config)
         self.model = WorldClip(self.config, self._io.tokenizer.vocab_size)
+        self.train()  # applies `freeze_batch_stats` from the start
 
     @classmethod
     def from_spec(cls, model: str | None, pretrained: str | None = None, config: dict | None = None) -> ClipBackbone:
@@ -352,6 +360,15 @@ class WorldClipBackbone(ClipBackbone):
     @property
     def log_logit_scale(self) -> nn.Parameter:
         return self.model.logit_scale
+
+    def train(self, mode: bool = True) -> WorldClipBackbone:
+        """Train mode, except BatchNorm layers stay in eval mode when `config.freeze_batch_stats` is set."""
+        super().train(mode)
+        if mode and self.config.freeze_batch_stats:
+            for module in self.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()  # normalize with the pretrained running statistics; affine weights still learn
+        return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute conv stages and transformer blocks in backward instead of storing their activations.

@@ -150,6 +150,15 @@ def evaluate(module: AnchorFinetuneModule, data: AnchorDataModule) -> dict[str, 
     return {name.split("/")[1]: 100.0 * value for name, value in merged.items() if name.endswith("/acc")}
 
 
+def finetune_config(model: dict | None) -> dict:
+    """The world CLIP config for finetuning: BatchNorm statistics frozen at their pretrained values.
+
+    CLIP's towers have no batch statistics; without this, a photo-only finetune batch would re-estimate the
+    statistics that sketches and paintings are normalized with, a forgetting mechanism CLIP does not have.
+    """
+    return {**(model or {}), "freeze_batch_stats": True}
+
+
 def finetune(world: World, weights: Path, recipe: FinetuneRecipe, run_dir: Path, seed: int, model: dict | None,
              captions=None, retrieved=None, classifier: dict | None = None) -> AnchorFinetuneModule:
     """One finetune of the pretrained world CLIP on the finetune stream plus the given anchors.
@@ -158,6 +167,7 @@ def finetune(world: World, weights: Path, recipe: FinetuneRecipe, run_dir: Path,
     starts this one) it is a cross-entropy baseline instead; its head is saved as `run_dir/../<name>/head.pt`.
     """
     L.seed_everything(seed, workers=True)
+    model = finetune_config(model)
     common = dict(backbone="world_clip", pretrained=str(weights), backbone_config=model, lr=recipe.lr,
                   weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps)
     if classifier is not None:
@@ -269,7 +279,7 @@ def fit_args(config: DemoConfig | None = None) -> list[str]:
     return [
         "fit", "--seed_everything", str(config.seed),
         "--model.backbone", "world_clip", "--model.pretrained", str(weights),
-        "--model.backbone_config", json.dumps(config.model),
+        "--model.backbone_config", json.dumps(finetune_config(config.model)),
         "--model.caption_weight", str(recipe.caption_weight), "--model.retrieved_weight", str(recipe.retrieved_weight),
         "--model.lr", str(recipe.lr), "--model.weight_decay", str(recipe.weight_decay),
         "--model.warmup_steps", str(recipe.warmup_steps),
@@ -289,8 +299,9 @@ def run_demo(config: DemoConfig, out: str | Path) -> pd.DataFrame:
     timings: dict[str, float] = {}
     world, weights, anchors = prepare(config, timings)
 
-    eval_data = _datamodule(world, config.finetune, weights, config.model)
-    pretrained = AnchorFinetuneModule(backbone="world_clip", pretrained=str(weights), backbone_config=config.model)
+    model = finetune_config(config.model)
+    eval_data = _datamodule(world, config.finetune, weights, model)
+    pretrained = AnchorFinetuneModule(backbone="world_clip", pretrained=str(weights), backbone_config=model)
     results = {"zeroshot": evaluate(pretrained, eval_data)}
     modules = {}
     for name, kwargs in methods(anchors, world, config.oracle).items():

@@ -39,7 +39,7 @@ def cache_root() -> Path:
 class PretrainRecipe:
     """Optimisation settings of world-CLIP pretraining."""
 
-    steps: int = 800
+    steps: int = 1600
     batch_size: int = 256
     lr: float = 3e-3
     weight_decay: float = 0.1
