@@ -73,8 +73,9 @@ AS_STYLE = ("in {a_style}", "as {a_style}")
 _NEEDS = {TEMPLATES[3]: ("background",), TEMPLATES[4]: ("where",)}  # parts a template cannot do without
 #: How often a caption mentions each optional attribute. Like alt-text, a caption always names the object,
 #: its count and the style but only sometimes the rest: were every attribute always named, colours, position
-#: and background alone would tell a batch's captions apart, and a CLIP trained on them matches pairs
-#: without ever learning the shapes (measured: in-batch loss 0.3, class accuracy at chance).
+#: and background alone would tell a batch's captions apart, and a CLIP trained on them matches pairs without
+#: learning the shapes. Measured with a small world_clip, batch 256: with every attribute named, in-batch loss
+#: 0.06 but 8% zero-shot accuracy on the 20 ID classes after 1100 steps; with these rates, 67% after 1000.
 MENTION_PROB: dict[str, float] = {"colour": 0.5, "size": 0.3, "position": 0.3, "background": 0.3}
 
 

@@ -25,7 +25,7 @@ from anchor_clip.data.tables import write_atomic
 from anchor_clip.module import AnchorFinetuneModule
 from anchor_clip.world.generate import World
 
-PRETRAIN_VERSION = 1  # bump when the recipe's meaning changes, so old caches are not reused
+PRETRAIN_VERSION = 2  # bump when the recipe or the world_clip defaults change, so old caches are not reused
 
 
 def cache_root() -> Path:
