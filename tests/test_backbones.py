@@ -27,6 +27,7 @@ from anchor_clip.backbones.base import ClipBackbone
 from anchor_clip.backbones.hf_clip import HFClipBackbone
 from anchor_clip.backbones.open_clip import OpenClipBackbone
 from anchor_clip.backbones.registry import create_backbone, create_io
+from anchor_clip.losses import contrastive_loss
 
 DOC_EXAMPLE = Path(__file__).resolve().parents[1] / "docs" / "new_backbone.md"
 
@@ -97,9 +98,7 @@ def _images(backbone: ClipBackbone, n: int = len(TEXTS)) -> Tensor:
 
 
 def _contrastive_loss(backbone: ClipBackbone, images: Tensor, tokens: Tensor) -> Tensor:
-    logits = backbone.logit_scale * backbone.encode_image(images) @ backbone.encode_text(tokens).T  # (B, B)
-    labels = torch.arange(len(logits))
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    return contrastive_loss(backbone.encode_image(images), backbone.encode_text(tokens), backbone.logit_scale)
 
 
 def _params_reached_by(backbone: ClipBackbone, features: Tensor) -> set[str]:
