@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
+from anchor_clip.bench import loader_throughput
 from anchor_clip.fit import cli_main
 from anchor_clip.world.demo import AnchorRecipe, DemoConfig, FinetuneRecipe, fit_args, run_demo
 from anchor_clip.world.generate import WorldConfig
@@ -79,3 +80,11 @@ def test_notebook_renders_the_demo_outputs(demo, notebook, monkeypatch):
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}}
                    ).execute()
     assert all(cell.get("outputs") is not None for cell in nb.cells if cell.cell_type == "code")
+
+
+def test_loader_throughput_times_the_worlds_arf_loader_and_step(demo, monkeypatch):
+    monkeypatch.setenv("ANCHOR_CLIP_CACHE", str(demo["cache"]))
+    out = loader_throughput(workers=0, batches=2, repeats=1, config=demo["config"])
+    assert out["samples_per_step"] == 8 + 8  # a finetune batch and a retrieved batch of the recipe's size
+    assert out["loader_samples_per_s"] > 0 and out["step_samples_per_s"] > 0
+    assert out["loader/step"] == pytest.approx(out["loader_samples_per_s"] / out["step_samples_per_s"])

@@ -103,3 +103,51 @@ def test_deduplicated_prompts_give_the_same_loss_and_gradients(batch):
     assert torch.allclose(grads[True][0], grads[False][0], atol=1e-6)
     for a, b in zip(grads[True][1], grads[False][1], strict=True):
         assert torch.allclose(a, b, atol=1e-5)
+
+
+def _loss_and_grads(module, batch):
+    loss = module.objective(module.encode_streams(batch), module.backbone.logit_scale)["loss"]
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+def _assert_same_step(a, b, atol):
+    assert torch.allclose(a[0], b[0], atol=atol)
+    assert a[1].keys() == b[1].keys()
+    for name in a[1]:
+        assert torch.allclose(a[1][name], b[1][name], atol=atol), name
+
+
+def test_compiled_encoders_give_the_same_loss_and_gradients(batch):
+    eager = make_module()
+    compiled = make_module()
+    compiled.compile_encoders(backend="aot_eager")  # traced and run through AOTAutograd, no C++ build
+    assert set(compiled.compiled) == {"image", "text"}
+    _assert_same_step(_loss_and_grads(eager, batch), _loss_and_grads(compiled, batch), atol=1e-5)
+    assert compiled.state_dict().keys() == eager.state_dict().keys()  # checkpoints keep their keys
+
+
+def test_compile_flag_compiles_encoders_when_fitting_only(batch):
+    module = make_module(compile_backbone=True, compile_options={"backend": "aot_eager"})
+    module.trainer = type("T", (), {"world_size": 1, "datamodule": None})()
+    module.setup("validate")
+    assert module.compiled == {}
+    module.setup("fit")
+    assert set(module.compiled) == {"image", "text"}
+
+
+def test_channels_last_layout_gives_the_same_loss_and_gradients():
+    config = {"image_width": 8, "text_width": 32, "text_layers": 1, "text_heads": 2, "embed_dim": 16}
+    modules = [make_module(backbone="world_clip", backbone_config=config, channels_last=flag) for flag in (False, True)]
+    convs = [m for m in modules[1].backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    images = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    tokens = modules[0].backbone.tokenize([f"a photo of a {c}" for c in ("square", "circle", "star", "ring")] * 3)
+    world_batch = {"finetune": {"images": images[:6], "texts": tokens[:6], "captions": tokens[6:]},
+                   "retrieved": {"images": images[6:], "texts": tokens[:6].flip(0)}}
+    layouts = []
+    encode = modules[1].backbone.encode_image
+    modules[1].backbone.encode_image = lambda x: layouts.append(x.is_contiguous(memory_format=torch.channels_last)) \
+        or encode(x)
+    _assert_same_step(*(_loss_and_grads(m, world_batch) for m in modules), atol=1e-5)
+    assert layouts == [True]  # the inputs were converted too

@@ -1,0 +1,54 @@
+"""The seed sweep's aggregation and target checks, on tables made up here (the sweep itself takes an hour)."""
+
+import math
+
+import pandas as pd
+import pytest
+
+from experiments.world_seeds import mean_std, recovery, run_seeds, targets
+
+
+def _runs() -> pd.DataFrame:
+    rows = []
+    for seed, noise in ((0, -1.0), (1, 1.0)):
+        for method, (id_, shift, zs) in {
+            "zeroshot": (70, 70, 70), "flyp": (80, 60, 50), "arf": (80, 66, 62), "arf_caption": (80, 61, 60),
+            "arf_retrieval": (81, 68, 58), "replay": (79, 70, 70), "wise_flyp_0.5": (75, 68, 64),
+        }.items():
+            rows.append({"method": method, "seed": seed, "id": id_ + noise, "shift_avg": shift, "zeroshot": zs,
+                         "ood_avg": (shift + zs) / 2})
+    return pd.DataFrame(rows)
+
+
+def test_mean_std_over_seeds():
+    summary = mean_std(_runs())
+    assert summary.loc["flyp", "id"] == "80.0 ± 1.4"  # values 79 and 81: sample std sqrt(2)
+    assert summary.loc["arf", "shift_avg"] == "66.0 ± 0.0"
+
+
+def test_recovery_is_the_share_of_flyps_loss_won_back():
+    runs = _runs()
+    assert recovery(runs, "arf", "shift_avg") == pytest.approx(0.6)  # FLYP lost 10, ARF won back 6
+    assert recovery(runs, "arf", "zeroshot") == pytest.approx(0.6)  # lost 20, won back 12
+    no_loss = runs.assign(shift_avg=70.0)
+    assert math.isnan(recovery(no_loss, "arf", "shift_avg"))  # undefined when FLYP lost nothing
+
+
+def test_targets_report_domination_by_a_control():
+    checks = targets(_runs()).set_index("target")
+    assert checks.loc["FLYP loss on shift average", "holds"]
+    assert checks.loc["arf recovery of FLYP's shift loss", "holds"]
+    # replay: ID 79 < ARF 80, so it does not dominate even though its OOD average is higher
+    assert checks.loc["ARF dominated by replay (ID and OOD avg both >=)", "holds"]
+    better = _runs()
+    better.loc[better["method"] == "replay", "id"] += 5
+    assert not targets(better).set_index("target").loc["ARF dominated by replay (ID and OOD avg both >=)", "holds"]
+
+
+def test_finished_seeds_are_read_not_rerun(tmp_path):
+    for seed, frame in _runs().groupby("seed"):
+        (tmp_path / f"seed_{seed}").mkdir()
+        frame.drop(columns="seed").to_csv(tmp_path / f"seed_{seed}" / "results.csv", index=False)
+    runs = run_seeds([0, 1], tmp_path)  # would take an hour if it ran the demo
+    assert sorted(runs["seed"].unique()) == [0, 1]
+    assert len(runs) == 14
