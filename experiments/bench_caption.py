@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
-from anchor_clip.anchors.caption import BlipCaptioner, Captioner, CocaCaptioner, KnnCaptioner
+from anchor_clip.anchors.captioners import BlipCaptioner, Captioner, CocaCaptioner, KnnCaptioner
 from tests.conftest import CLASSES, TINY_OPEN_CLIP, write_images
 from tests.test_caption import TINY_COCA, save_tiny_blip, save_tiny_blip2, save_tiny_clip, save_tiny_coca
 

@@ -34,7 +34,9 @@ def run_seeds(seeds: list[int], out: Path) -> pd.DataFrame:
 
 
 def mean_std(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per method, every accuracy column as "mean ± std" over seeds (sample std; 0 for a single seed)."""
+    """Per method run on every seed, each accuracy column as "mean ± std" (sample std; 0 for a single seed)."""
+    seeds = runs["seed"].nunique()
+    runs = runs.groupby("method", sort=False).filter(lambda g: g["seed"].nunique() == seeds)
     numeric = runs.drop(columns="seed").groupby("method", sort=False)
     mean, std = numeric.mean(), numeric.std(ddof=1).fillna(0.0)
     return mean.round(1).astype(str) + " ± " + std.round(1).astype(str)

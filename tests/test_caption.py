@@ -13,17 +13,9 @@ from PIL import Image
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from anchor_clip.anchors import caption as caption_job
-from anchor_clip.anchors.caption import (
-    BlipCaptioner,
-    ClassNameMatcher,
-    CocaCaptioner,
-    KnnCaptioner,
-    caption_finetune_set,
-    first_consistent,
-    main,
-    mention_rates,
-    mentions,
-)
+from anchor_clip.anchors.caption import caption_finetune_set, main
+from anchor_clip.anchors.captioners import BlipCaptioner, CocaCaptioner, KnnCaptioner
+from anchor_clip.anchors.mentions import ClassNameMatcher, first_consistent, mention_rates, mentions
 from anchor_clip.data import AnchorDataModule
 from tests.conftest import CLASSES, TINY_OPEN_CLIP
 

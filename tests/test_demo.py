@@ -32,6 +32,7 @@ def demo(tmp_path_factory):
             anchors=AnchorRecipe(retrieved_per_class=8, exclude_threshold=None),  # random towers: all images alike
             model=TINY_WORLD_CLIP,
             oracle=True,
+            baselines=True,
         )
         table = run_demo(config, root / "out")
     return {"table": table, "out": root / "out", "cache": root / "cache", "config": config}

@@ -52,3 +52,9 @@ def test_finished_seeds_are_read_not_rerun(tmp_path):
     runs = run_seeds([0, 1], tmp_path)  # would take an hour if it ran the demo
     assert sorted(runs["seed"].unique()) == [0, 1]
     assert len(runs) == 14
+
+
+def test_methods_missing_on_some_seed_are_left_out_of_the_means():
+    runs = pd.concat([_runs(), pd.DataFrame([{"method": "lp", "seed": 0, "id": 75.0, "shift_avg": 60.0,
+                                              "zeroshot": 70.0, "ood_avg": 65.0}])])
+    assert "lp" not in mean_std(runs).index

@@ -1,7 +1,8 @@
 """The embedded experiment: ARF against its baselines and controls on the miniature world, offline.
 
-pretrain (cached) -> zero-shot -> LP, FT, LP-FT -> FLYP -> ARF (caption, retrieval, both) -> controls:
-random-pool replay with as many pairs as the retrieved set and the same λ, and WiSE-FT of FLYP and ARF.
+pretrain (cached) -> zero-shot -> FLYP -> ARF (caption, retrieval, both) -> controls: random-pool replay with
+as many pairs as the retrieved set and the same λ, and WiSE-FT of FLYP and ARF; with `baselines`, also the
+cross-entropy finetunes LP, FT and LP-FT.
 Prints a table (ID, each shift, shift average, zero-shot classes, OOD average) and writes it as CSV and
 markdown, with a PNG of ID vs OOD per method, WiSE-FT curves and feature drift, under the output folder.
 """
@@ -21,7 +22,8 @@ import lightning as L
 import numpy as np
 import pandas as pd
 
-from anchor_clip.anchors.caption import KnnCaptioner, caption_finetune_set
+from anchor_clip.anchors.caption import caption_finetune_set
+from anchor_clip.anchors.captioners import KnnCaptioner
 from anchor_clip.anchors.retrieve import retrieve
 from anchor_clip.baselines import ClassifierFinetuneModule
 from anchor_clip.data import AnchorDataModule
@@ -74,6 +76,7 @@ class DemoConfig:
     model: dict | None = field(default_factory=lambda: dict(WORLD_MODEL))  # world_clip config overrides
     seed: int = 0  # finetune seed (world and pretraining have their own)
     oracle: bool = False  # also run the ablation with the generator's true captions
+    baselines: bool = False  # also run the cross-entropy finetunes LP, FT and LP-FT
     wise_alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # WiSE-FT curve points (0.5 enters the table)
 
 
@@ -113,7 +116,7 @@ def build_anchors(world: World, weights: Path, model: dict | None, recipe: Ancho
     return {"retrieved": retrieved, "replay": replay, "captions": Path(captions.table)}
 
 
-def methods(anchors: dict[str, Path], world: World, oracle: bool) -> dict[str, dict]:
+def methods(anchors: dict[str, Path], world: World, oracle: bool, baselines: bool = False) -> dict[str, dict]:
     """`finetune` arguments of each finetuned method (zero-shot and WiSE-FT need no finetune of their own).
 
     The classifier baselines come first: LP-FT starts from the head the LP run saves.
@@ -122,6 +125,8 @@ def methods(anchors: dict[str, Path], world: World, oracle: bool) -> dict[str, d
         "lp": {"classifier": {"linear_probe": True}},
         "ft": {"classifier": {}},
         "lp_ft": {"classifier": {"init_head": "lp"}},
+    } if baselines else {}
+    runs |= {
         "flyp": {},
         "arf_caption": {"captions": anchors["captions"]},
         "arf_retrieval": {"retrieved": anchors["retrieved"]},
@@ -305,7 +310,7 @@ def run_demo(config: DemoConfig, out: str | Path) -> pd.DataFrame:
     pretrained = AnchorFinetuneModule(backbone="world_clip", pretrained=str(weights), backbone_config=model)
     results = {"zeroshot": evaluate(pretrained, eval_data)}
     modules = {}
-    for name, kwargs in methods(anchors, world, config.oracle).items():
+    for name, kwargs in methods(anchors, world, config.oracle, config.baselines).items():
         start = time.perf_counter()
         modules[name] = finetune(world, weights, config.finetune, out / "runs" / name, config.seed, config.model,
                                  **kwargs)
@@ -336,10 +341,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--world-seed", type=int, default=0, help="world seed (class split and images)")
     parser.add_argument("--steps", type=int, default=FinetuneRecipe.steps, help="finetune steps per method")
     parser.add_argument("--oracle", action="store_true", help="also run the oracle-caption ablation")
+    parser.add_argument("--baselines", action="store_true", help="also run the LP, FT and LP-FT baselines")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = DemoConfig(world=WorldConfig(seed=args.world_seed), seed=args.seed, oracle=args.oracle,
-                        finetune=FinetuneRecipe(steps=args.steps))
+                        baselines=args.baselines, finetune=FinetuneRecipe(steps=args.steps))
     table = run_demo(config, args.out)
     print(to_markdown(table))
     print(f"\nwritten to {Path(args.out).resolve()}: results.csv/.md, id_vs_ood.png, wise.csv, drift.csv, demo.json")
