@@ -19,17 +19,12 @@ from PIL import Image
 import anchor_clip.anchors.embed as embed_module
 from anchor_clip.anchors.embed import embed_pool, load_pool_embeddings
 from anchor_clip.anchors.index import brute_force_search, build_index, choose_factory
-from anchor_clip.anchors.retrieve import (
-    HISTOGRAM_NAME,
-    MANIFEST_NAME,
-    REPORT_NAME,
+from anchor_clip.anchors.retrieve import HISTOGRAM_NAME, MANIFEST_NAME, REPORT_NAME, main, retrieval_report, retrieve
+from anchor_clip.anchors.select import (
     class_prompts,
     class_quotas,
-    main,
     modality_vectors,
     near_duplicate_filter,
-    retrieval_report,
-    retrieve,
     select_anchors,
 )
 from anchor_clip.data.tables import read_table
