@@ -72,6 +72,7 @@ def targets(runs: pd.DataFrame) -> pd.DataFrame:
         rows.append((f"ARF dominated by {control} (ID and OOD avg both >=)", float(dominated), "no", not dominated))
     table = pd.DataFrame(rows, columns=["target", "measured", "wanted", "holds"])
     table["measured"] = table["measured"].round(3)
+    table["holds"] = table["holds"].map({True: "yes", False: "no"}).fillna("")
     return table
 
 
