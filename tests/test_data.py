@@ -1,10 +1,13 @@
 """Claims about the AnchorDataModule: the streams it builds and the input it refuses."""
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from anchor_clip.data import AnchorDataModule, EvalSet
+from anchor_clip.data.images import load_image
 from tests.conftest import CLASSES, TINY_OPEN_CLIP
 
 
@@ -90,3 +93,15 @@ def test_no_training_stream_is_an_error():
 def test_templates_without_class_placeholder_are_rejected(tiny_data):
     with pytest.raises(ValueError, match=r"data.templates must be .*'\{c\}'"):
         make_datamodule(tiny_data, templates=["a photo of a {}."])
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA"])
+def test_load_image_gives_the_files_pixels_as_rgb_with_the_file_closed(tmp_path, mode: str):
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 5, 3), dtype=np.uint8)
+    source = Image.fromarray(pixels).convert(mode)
+    path = tmp_path / "image.png"
+    source.save(path)
+    image = load_image(str(path))
+    path.unlink()  # the pixels are in memory: nothing reads the file after load_image returns
+    assert image.mode == "RGB" and image.size == (5, 6)
+    assert np.array_equal(np.asarray(image), np.asarray(source.convert("RGB")))

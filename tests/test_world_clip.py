@@ -236,3 +236,18 @@ def test_train_transform_never_mirrors_left_and_right():
     for _ in range(20):
         x = io.train_transform(Image.fromarray(pixels))
         assert x[:, :, :14].mean() > x[:, :, 18:].mean()
+
+
+def test_train_transform_is_a_small_reflect_padded_shift_of_the_eval_image():
+    io = WorldClipBackbone.io_from_spec(None, config=TINY)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    reference = torch.nn.functional.pad(io.eval_transform(image)[None], (2, 2, 2, 2), mode="reflect")[0]
+    shifts = {(dy, dx): reference[:, dy : dy + 32, dx : dx + 32] for dy in range(5) for dx in range(5)}
+    torch.manual_seed(0)
+    seen = set()
+    for _ in range(30):
+        x = io.train_transform(image)
+        matches = [shift for shift, crop in shifts.items() if torch.allclose(x, crop, atol=1e-6)]
+        assert len(matches) == 1  # normalised pixels of the image, translated by at most 2 pixels
+        seen.add(matches[0])
+    assert len(seen) > 5  # and the translation is random
