@@ -415,6 +415,15 @@ def test_cli_end_to_end_with_tiny_open_clip(tmp_path):
     assert report["class_precision"] == report["precision"] == 1.0
 
 
+def test_an_exclusion_manifest_without_filepaths_is_named_before_any_work(tmp_path):
+    pool = _manifest_pool(tmp_path / "pool", 4)
+    pd.DataFrame({"path": ["pool/imgs/0.png"], "label": [0]}).to_csv(tmp_path / "eval.csv", index=False)
+    with pytest.raises(ValueError, match=r"retrieve.exclude_manifests: .*eval.csv has no column\(s\) \['filepath'\]"):
+        retrieve(pool, CLASSES, str(tmp_path / "out"), backbone="open_clip", backbone_config=TINY,
+                 exclude_manifests=[str(tmp_path / "eval.csv")], device="cpu")
+    assert not (tmp_path / "out").exists()
+
+
 def test_module_entry_point_prints_help():
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     result = subprocess.run(

@@ -49,7 +49,7 @@ from anchor_clip.anchors.select import (
     template_of,
 )
 from anchor_clip.backbones.base import ClipBackbone
-from anchor_clip.data.tables import read_classnames, read_table, write_json, write_table
+from anchor_clip.data.tables import read_classnames, read_table, resolve_paths, write_json, write_table
 
 #: One query per style, so each style gets k / 4 of a class's anchors (see the module docstring).
 DEFAULT_TEMPLATES = ("a photo of a {c}.", "a sketch of a {c}.", "a cartoon of a {c}.", "a painting of a {c}.")
@@ -223,13 +223,8 @@ def save_score_histogram(
 
 
 def _eval_filepaths(manifests: Sequence[str]) -> list[str]:
-    paths = []
-    for manifest in manifests:
-        table = read_table(manifest)
-        if "filepath" not in table:
-            raise ValueError(f"eval manifest {manifest} has no 'filepath' column (found: {list(table.columns)})")
-        paths += [str((Path(manifest).parent / p).resolve()) for p in table["filepath"]]
-    return paths
+    tables = {m: read_table(m, required=["filepath"], what="retrieve.exclude_manifests") for m in manifests}
+    return [path for manifest, table in tables.items() for path in resolve_paths(table, manifest)]
 
 
 def retrieve(
