@@ -39,7 +39,7 @@ def cache_root() -> Path:
 class PretrainRecipe:
     """Optimisation settings of world-CLIP pretraining."""
 
-    steps: int = 1600
+    steps: int = 2400  # world 0's zero-shot ID accuracy: 77 % after 1600, 83 % after 2400, 86 % after 3200 steps
     batch_size: int = 256
     lr: float = 3e-3
     weight_decay: float = 0.1
