@@ -22,13 +22,16 @@ from anchor_clip.world.generate import WorldConfig
 COLUMNS = ["id", "shift_avg", "zeroshot", "ood_avg"]
 
 
-def run_seeds(seeds: list[int], out: Path) -> pd.DataFrame:
-    """Per-seed demo tables stacked, with a `seed` column (runs the seeds that have no results yet)."""
+def run_seeds(seeds: list[int], out: Path, context_bias: float = 0.0) -> pd.DataFrame:
+    """Per-seed demo tables stacked, with a `seed` column (runs the seeds that have no results yet).
+
+    `context_bias` is each world's `WorldConfig.finetune_context_bias`.
+    """
     frames = []
     for seed in seeds:
         seed_dir = out / f"seed_{seed}"
         if not (seed_dir / "results.csv").is_file():
-            run_demo(DemoConfig(world=WorldConfig(seed=seed), seed=seed), seed_dir)
+            run_demo(DemoConfig(world=WorldConfig(seed=seed, finetune_context_bias=context_bias), seed=seed), seed_dir)
         frames.append(read_table(seed_dir / "results.csv", required=["method", *COLUMNS]).assign(seed=seed))
     return pd.concat(frames, ignore_index=True)
 
@@ -81,9 +84,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("outputs/seeds"))
+    parser.add_argument("--context-bias", type=float, default=0.0, help="WorldConfig.finetune_context_bias")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    runs = run_seeds(args.seeds, args.out)
+    runs = run_seeds(args.seeds, args.out, args.context_bias)
     summary, checks = mean_std(runs), targets(runs)
     write_table(runs, args.out / "runs.csv")
     write_table(summary.reset_index(), args.out / "summary.csv")

@@ -279,3 +279,36 @@ def test_config_key_changes_with_any_field_and_lists_equal_tuples():
     assert replace(SMALL, eval_per_class=5).key != SMALL.key
     assert len({WorldConfig(seed=s).key for s in range(5)}) == 5
     assert os.sep not in SMALL.key
+
+
+def test_home_context_is_fixed_per_class_and_keeps_the_object_visible():
+    from anchor_clip.world.scene import _BACKGROUND_COLOURS, home_context
+
+    rng = np.random.default_rng(5)
+    patterns = {}
+    for name in SHAPE_NAMES[:40]:
+        scenes = [sample_scene(rng, name, "photo") for _ in range(6)]
+        homes = [home_context(s) for s in scenes]
+        assert len({h.background for h in homes}) == 1  # one pattern per class, whatever else the scene holds
+        for scene, home in zip(scenes, homes, strict=True):
+            assert home.background_colour in _BACKGROUND_COLOURS[scene.colour]  # contrasts with the object
+            assert replace(home, background=scene.background, background_colour=scene.background_colour) == scene
+        patterns[name] = homes[0].background
+    assert len(set(patterns.values())) >= 4  # classes spread over the patterns
+
+
+def test_context_bias_changes_only_the_finetune_and_id_images(tmp_path):
+    plain = generate_world(tmp_path / "plain", SMALL)
+    biased = generate_world(tmp_path / "biased", replace(SMALL, finetune_context_bias=1.0))
+
+    def digests(world: World, split: str) -> list[str]:
+        folder = world.root / "images" / split
+        return [hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())]
+
+    for split in ("pool", "eval_zeroshot", "eval_shift_sketch"):
+        assert digests(plain, split) == digests(biased, split)
+    for split in ("finetune", "eval_id"):
+        changed = sum(a != b for a, b in zip(digests(plain, split), digests(biased, split), strict=True))
+        assert changed > len(digests(plain, split)) // 2
+    with pytest.raises(ValueError, match="finetune_context_bias=1.5 must be in"):
+        replace(SMALL, finetune_context_bias=1.5)

@@ -339,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="outputs/demo", help="output folder for the table, CSV and PNG")
     parser.add_argument("--seed", type=int, default=0, help="finetune seed")
     parser.add_argument("--world-seed", type=int, default=0, help="world seed (class split and images)")
+    parser.add_argument("--context-bias", type=float, default=WorldConfig.finetune_context_bias,
+                        help="share of finetune and ID images on their class's home context (a new world)")
     parser.add_argument("--steps", type=int, default=FinetuneRecipe.steps, help="finetune steps per method")
     parser.add_argument("--pretrain-steps", type=int, default=PretrainRecipe.steps,
                         help="world-CLIP pretraining steps (each value is its own cache entry)")
@@ -346,9 +348,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--baselines", action="store_true", help="also run the LP, FT and LP-FT baselines")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = DemoConfig(world=WorldConfig(seed=args.world_seed), seed=args.seed, oracle=args.oracle,
-                        baselines=args.baselines, finetune=FinetuneRecipe(steps=args.steps),
-                        pretrain=PretrainRecipe(steps=args.pretrain_steps))
+    world = WorldConfig(seed=args.world_seed, finetune_context_bias=args.context_bias)
+    config = DemoConfig(world=world, seed=args.seed, oracle=args.oracle, baselines=args.baselines,
+                        finetune=FinetuneRecipe(steps=args.steps), pretrain=PretrainRecipe(steps=args.pretrain_steps))
     table = run_demo(config, args.out)
     print(to_markdown(table))
     print(f"\nwritten to {Path(args.out).resolve()}: results.csv/.md, id_vs_ood.png, wise.csv, drift.csv, demo.json")

@@ -37,7 +37,7 @@ import numpy as np
 
 from anchor_clip.world.captions import describe
 from anchor_clip.world.render import render_scene
-from anchor_clip.world.scene import STYLES, sample_scene
+from anchor_clip.world.scene import STYLES, home_context, sample_scene
 from anchor_clip.world.shapes import SHAPE_NAMES
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,9 @@ class WorldConfig:
     pool_size: int = 60000  # pretraining / retrieval pool, balanced over (class, style)
     finetune_per_class: int = 200  # finetune images per finetune class
     eval_per_class: int = 100  # images per class in each eval set
+    # share of finetune and ID images drawn on their class's home context (`scene.home_context`); the pool and
+    # the shift and zero-shot sets never are, so a finetune that learns the context pays for it out of domain
+    finetune_context_bias: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "styles", tuple(self.styles))  # YAML and JSON give lists
@@ -84,6 +87,8 @@ class WorldConfig:
                 f"pool_size={self.pool_size} must cover every (class, style) pair, "
                 f"i.e. be >= num_classes * len(styles) = {self.num_classes * len(self.styles)}"
             )
+        if not 0.0 <= self.finetune_context_bias <= 1.0:
+            problems.append(f"finetune_context_bias={self.finetune_context_bias} must be in [0, 1]")
         if self.finetune_per_class < 1 or self.eval_per_class < 1:
             problems.append("finetune_per_class and eval_per_class must be >= 1")
         if problems:
@@ -233,13 +238,18 @@ def plan_splits(config: WorldConfig) -> tuple[list[int], list[_Split]]:
 
 
 def _render_chunk(seed: int, code: int, start: int, shapes: list[str], styles: list[str], image_size: int,
-                  image_dir: str) -> list[str]:
-    """Draw, caption and save images `start`, `start + 1`, ... of one split; returns their captions."""
+                  image_dir: str, context_bias: float = 0.0) -> list[str]:
+    """Draw, caption and save images `start`, `start + 1`, ... of one split; returns their captions.
+
+    `context_bias` is the share of scenes moved onto their class's home context.
+    """
     captions = []
     for offset, (shape, style) in enumerate(zip(shapes, styles, strict=True)):
         index = start + offset
         rng = np.random.default_rng([seed, code, index])  # one stream per image: independent of chunking
         scene = sample_scene(rng, shape, style)
+        if context_bias > 0 and rng.random() < context_bias:  # no draw without bias: unbiased worlds stay as they were
+            scene = home_context(scene)
         captions.append(describe(scene, rng))
         render_scene(scene, image_size).save(os.path.join(image_dir, f"{index:06d}.png"), format="PNG")
     return captions
@@ -261,8 +271,9 @@ def _draw(build_dir: Path, config: WorldConfig, splits: list[_Split], num_worker
         for start in range(0, len(split.shapes), CHUNK):
             stop = start + CHUNK
             owners.append(split.name)
+            bias = config.finetune_context_bias if split.name in ("finetune", "eval_id") else 0.0
             tasks.append((config.seed, split.code, start, split.shapes[start:stop], split.styles[start:stop],
-                          config.image_size, str(image_dir)))
+                          config.image_size, str(image_dir), bias))
     if num_workers > 1 and sum(len(split.shapes) for split in splits) > 2 * CHUNK:
         # fork where the OS has it: workers touch only numpy and PIL (never torch's thread pools, which a forked
         # child must not use), and unlike spawn it works from scripts without a __main__ guard and from stdin

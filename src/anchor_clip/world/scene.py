@@ -6,7 +6,8 @@ A `Scene` is the single source of truth for an image: `render.render_scene` draw
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import zlib
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -102,3 +103,16 @@ def sample_scene(rng: np.random.Generator, shape: str, style: str) -> Scene:
         background_colour=_pick(rng, _BACKGROUND_COLOURS[colour]),
         seed=int(rng.integers(0, 2**32)),
     )
+
+
+def home_context(scene: Scene) -> Scene:
+    """The scene moved onto its class's home context: a background pattern fixed per class and a background
+    colour fixed per (class, object colour) among those that contrast with the object.
+
+    Downstream datasets carry such context biases (ImageNet classes co-occur with their usual surroundings);
+    a finetune on them learns the context along with the object, which a world without it cannot show.
+    """
+    key = zlib.crc32(scene.shape.encode())  # stable across processes, unlike hash()
+    colours = _BACKGROUND_COLOURS[scene.colour]
+    return replace(scene, background=BACKGROUNDS[key % len(BACKGROUNDS)],
+                   background_colour=colours[(key // len(BACKGROUNDS)) % len(colours)])
