@@ -22,7 +22,7 @@ from anchor_clip.world.generate import WorldConfig
 COLUMNS = ["id", "shift_avg", "zeroshot", "ood_avg"]
 
 
-def run_seeds(seeds: list[int], out: Path, context_bias: float = 0.0) -> pd.DataFrame:
+def run_seeds(seeds: list[int], out: Path, context_bias: float = WorldConfig.finetune_context_bias) -> pd.DataFrame:
     """Per-seed demo tables stacked, with a `seed` column (runs the seeds that have no results yet).
 
     `context_bias` is each world's `WorldConfig.finetune_context_bias`.
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", type=Path, default=Path("outputs/seeds"))
-    parser.add_argument("--context-bias", type=float, default=0.0, help="WorldConfig.finetune_context_bias")
+    parser.add_argument("--context-bias", type=float, default=WorldConfig.finetune_context_bias,
+                        help="WorldConfig.finetune_context_bias")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     runs = run_seeds(args.seeds, args.out, args.context_bias)

@@ -268,10 +268,10 @@ def _draw(build_dir: Path, config: WorldConfig, splits: list[_Split], num_worker
     for split in splits:
         image_dir = build_dir / "images" / split.name
         image_dir.mkdir(parents=True)
+        bias = config.finetune_context_bias if split.name in ("finetune", "eval_id") else 0.0
         for start in range(0, len(split.shapes), CHUNK):
             stop = start + CHUNK
             owners.append(split.name)
-            bias = config.finetune_context_bias if split.name in ("finetune", "eval_id") else 0.0
             tasks.append((config.seed, split.code, start, split.shapes[start:stop], split.styles[start:stop],
                           config.image_size, str(image_dir), bias))
     if num_workers > 1 and sum(len(split.shapes) for split in splits) > 2 * CHUNK:
