@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision import transforms
 
 from anchor_clip.backbones import registry
 from anchor_clip.backbones.world_clip import WordTokenizer, WorldClipBackbone, WorldClipConfig
@@ -226,6 +227,26 @@ def test_registry_builds_world_clip_and_its_io_without_weights():
     assert io.tokenizer(["a photo of a star."]).shape == (1, 32)
     image = Image.new("RGB", (32, 32), (200, 30, 30))
     assert io.eval_transform(image).shape == io.train_transform(image).shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize(("mode", "side"), [("RGB", 32), ("L", 32), ("RGBA", 32), ("RGB", 48), ("P", 20)])
+def test_transforms_give_torchvisions_tensors_from_the_same_random_draws(mode: str, side: int):
+    config = WorldClipConfig.from_dict(TINY)
+    io = WorldClipBackbone.io_from_spec(None, config=TINY)
+    rgb = Image.fromarray(np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8))
+    image = rgb.convert(mode)
+    size = config.image_size
+    base = [transforms.Lambda(lambda x: x.convert("RGB")), transforms.Resize(size), transforms.CenterCrop(size),
+            transforms.ToTensor(), transforms.Normalize(config.mean, config.std)]
+    expected_eval = transforms.Compose(base)
+    expected_train = transforms.Compose([*base, transforms.RandomCrop(size, padding=2, padding_mode="reflect")])
+    assert torch.equal(io.eval_transform(image), expected_eval(image))
+    for seed in range(10):
+        torch.manual_seed(seed)
+        got = io.train_transform(image)
+        torch.manual_seed(seed)
+        assert torch.equal(got, expected_train(image))
+        assert got.is_contiguous()
 
 
 def test_train_transform_never_mirrors_left_and_right():
