@@ -298,7 +298,7 @@ def test_home_context_is_fixed_per_class_and_keeps_the_object_visible():
 
 
 def test_context_bias_changes_only_the_finetune_and_id_images(tmp_path):
-    plain = generate_world(tmp_path / "plain", SMALL)
+    plain = generate_world(tmp_path / "plain", replace(SMALL, finetune_context_bias=0.0))
     biased = generate_world(tmp_path / "biased", replace(SMALL, finetune_context_bias=1.0))
 
     def digests(world: World, split: str) -> list[str]:

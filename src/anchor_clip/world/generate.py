@@ -63,8 +63,9 @@ class WorldConfig:
     finetune_per_class: int = 200  # finetune images per finetune class
     eval_per_class: int = 100  # images per class in each eval set
     # share of finetune and ID images drawn on their class's home context (`scene.home_context`); the pool and
-    # the shift and zero-shot sets never are, so a finetune that learns the context pays for it out of domain
-    finetune_context_bias: float = 0.0
+    # the shift and zero-shot sets never are, so a finetune that learns the context pays for it out of domain.
+    # Without it FLYP barely forgets in this world (3-seed means: +3.2 on the shifts, -3.5 on unseen classes)
+    finetune_context_bias: float = 1.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "styles", tuple(self.styles))  # YAML and JSON give lists
@@ -187,6 +188,7 @@ class _Split:
     shapes: list[str]
     styles: list[str]
     labels: list[int]
+    context_bias: float = 0.0  # share of its scenes moved onto their class's home context
 
 
 def _balanced(cells: list[tuple[int, str]], n: int, rng: np.random.Generator) -> list[tuple[int, str]]:
@@ -209,7 +211,8 @@ def plan_splits(config: WorldConfig) -> tuple[list[int], list[_Split]]:
     ft_label = {c: i for i, c in enumerate(ft)}
     zs_label = {c: i for i, c in enumerate(zs)}
 
-    def split(name: str, code: int, cells: list[tuple[int, str]], n: int, labels: dict[int, int] | None) -> _Split:
+    def split(name: str, code: int, cells: list[tuple[int, str]], n: int, labels: dict[int, int] | None,
+              context_bias: float = 0.0) -> _Split:
         draws = _balanced(cells, n, np.random.default_rng([config.seed, code]))
         return _Split(
             name=name,
@@ -217,14 +220,18 @@ def plan_splits(config: WorldConfig) -> tuple[list[int], list[_Split]]:
             shapes=[names[c] for c, _ in draws],
             styles=[s for _, s in draws],
             labels=[c if labels is None else labels[c] for c, _ in draws],
+            context_bias=context_bias,
         )
 
     ft_cells = [(c, config.finetune_style) for c in ft]
     splits = [
         split("pool", _SPLIT_CODES["pool"], [(c, s) for c in range(config.num_classes) for s in config.styles],
               config.pool_size, None),
-        split("finetune", _SPLIT_CODES["finetune"], ft_cells, len(ft) * config.finetune_per_class, ft_label),
-        split("eval_id", _SPLIT_CODES["eval_id"], ft_cells, len(ft) * config.eval_per_class, ft_label),
+        # only the finetune and ID images carry the context bias: the pool and the OOD sets never do
+        split("finetune", _SPLIT_CODES["finetune"], ft_cells, len(ft) * config.finetune_per_class, ft_label,
+              config.finetune_context_bias),
+        split("eval_id", _SPLIT_CODES["eval_id"], ft_cells, len(ft) * config.eval_per_class, ft_label,
+              config.finetune_context_bias),
     ]
     for style in config.styles:
         if style != config.finetune_style:
@@ -268,12 +275,11 @@ def _draw(build_dir: Path, config: WorldConfig, splits: list[_Split], num_worker
     for split in splits:
         image_dir = build_dir / "images" / split.name
         image_dir.mkdir(parents=True)
-        bias = config.finetune_context_bias if split.name in ("finetune", "eval_id") else 0.0
         for start in range(0, len(split.shapes), CHUNK):
             stop = start + CHUNK
             owners.append(split.name)
             tasks.append((config.seed, split.code, start, split.shapes[start:stop], split.styles[start:stop],
-                          config.image_size, str(image_dir), bias))
+                          config.image_size, str(image_dir), split.context_bias))
     if num_workers > 1 and sum(len(split.shapes) for split in splits) > 2 * CHUNK:
         # fork where the OS has it: workers touch only numpy and PIL (never torch's thread pools, which a forked
         # child must not use), and unlike spawn it works from scripts without a __main__ guard and from stdin
