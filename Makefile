@@ -6,10 +6,17 @@ OUT ?= outputs/demo
 
 .PHONY: install test lint demo lock clean
 
+# The pinned torch is a CUDA build: the environment takes about 6 GB. Check the disk first, so a full disk is
+# one clear message instead of a half-written venv; --no-cache-dir keeps pip from storing a second copy.
+NEED_GB ?= 7
+PIP := $(PY) -m pip install -q --disable-pip-version-check --no-cache-dir
+
 $(STAMP): requirements.lock setup.cfg
+	@test -x $(PY) || free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); if [ "$${free:-$(NEED_GB)}" -lt $(NEED_GB) ]; then \
+	  echo "make install: $$free GB free under $$(pwd); a new $(VENV) needs about $(NEED_GB) GB" >&2; exit 1; fi
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e .
+	$(PIP) -r requirements.lock
+	$(PIP) --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -16,22 +16,25 @@ from pathlib import Path
 import pandas as pd
 
 from anchor_clip.data.tables import read_table, write_atomic, write_table
-from anchor_clip.world.demo import DemoConfig, run_demo
+from anchor_clip.world.demo import DemoConfig, FinetuneRecipe, run_demo
 from anchor_clip.world.generate import WorldConfig
 
 COLUMNS = ["id", "shift_avg", "zeroshot", "ood_avg"]
 
 
-def run_seeds(seeds: list[int], out: Path, context_bias: float = WorldConfig.finetune_context_bias) -> pd.DataFrame:
+def run_seeds(seeds: list[int], out: Path, context_bias: float = WorldConfig.finetune_context_bias,
+              finetune: FinetuneRecipe | None = None) -> pd.DataFrame:
     """Per-seed demo tables stacked, with a `seed` column (runs the seeds that have no results yet).
 
-    `context_bias` is each world's `WorldConfig.finetune_context_bias`.
+    `context_bias` is each world's `WorldConfig.finetune_context_bias`; `finetune` the recipe of every method.
     """
+    finetune = finetune or FinetuneRecipe()
     frames = []
     for seed in seeds:
         seed_dir = out / f"seed_{seed}"
         if not (seed_dir / "results.csv").is_file():
-            run_demo(DemoConfig(world=WorldConfig(seed=seed, finetune_context_bias=context_bias), seed=seed), seed_dir)
+            world = WorldConfig(seed=seed, finetune_context_bias=context_bias)
+            run_demo(DemoConfig(world=world, seed=seed, finetune=finetune), seed_dir)
         frames.append(read_table(seed_dir / "results.csv", required=["method", *COLUMNS]).assign(seed=seed))
     return pd.concat(frames, ignore_index=True)
 
@@ -86,9 +89,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/seeds"))
     parser.add_argument("--context-bias", type=float, default=WorldConfig.finetune_context_bias,
                         help="WorldConfig.finetune_context_bias")
+    parser.add_argument("--caption-weight", type=float, default=FinetuneRecipe.caption_weight, help="λ_caption")
+    parser.add_argument("--retrieved-weight", type=float, default=FinetuneRecipe.retrieved_weight,
+                        help="λ_retrieved (also the replay control's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    runs = run_seeds(args.seeds, args.out, args.context_bias)
+    recipe = FinetuneRecipe(caption_weight=args.caption_weight, retrieved_weight=args.retrieved_weight)
+    runs = run_seeds(args.seeds, args.out, args.context_bias, recipe)
     summary, checks = mean_std(runs), targets(runs)
     write_table(runs, args.out / "runs.csv")
     write_table(summary.reset_index(), args.out / "summary.csv")

@@ -89,3 +89,19 @@ def test_loader_throughput_times_the_worlds_arf_loader_and_step(demo, monkeypatc
     assert out["samples_per_step"] == 8 + 8  # a finetune batch and a retrieved batch of the recipe's size
     assert out["loader_samples_per_s"] > 0 and out["step_samples_per_s"] > 0
     assert out["loader/step"] == pytest.approx(out["loader_samples_per_s"] / out["step_samples_per_s"])
+
+
+def test_demo_flags_set_the_anchor_weights_of_every_anchored_run(monkeypatch, tmp_path):
+    from anchor_clip.world import demo as demo_module
+
+    seen = {}
+
+    def run_demo(config: DemoConfig, out: str) -> pd.DataFrame:
+        seen["config"] = config
+        return pd.DataFrame({"id": [90.0]}, index=pd.Index(["flyp"], name="method"))
+
+    monkeypatch.setattr(demo_module, "run_demo", run_demo)
+    demo_module.main(["--out", str(tmp_path), "--caption-weight", "0.25", "--retrieved-weight", "0.5"])
+    recipe = seen["config"].finetune
+    assert (recipe.caption_weight, recipe.retrieved_weight) == (0.25, 0.5)
+    assert recipe.steps == FinetuneRecipe.steps  # the other knobs keep their defaults

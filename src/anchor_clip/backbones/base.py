@@ -33,8 +33,9 @@ class ClipBackbone(nn.Module, ABC):
     """A two-tower image-text model as the rest of anchor_clip sees it.
 
     Subclass it (and decorate with `@register_backbone("name")`) to bring a new model family:
-    implement `from_spec`, `io_from_spec`, the encoders, `io` and `log_logit_scale`; the defaults of `param_groups`,
-    `lock` and `set_grad_checkpointing` work for most towers.
+    implement `from_spec`, `io_from_spec` and the encoders, and set `self._io` (and `self.model`, whose
+    `logit_scale` is the temperature, or override `log_logit_scale`); the defaults of `param_groups`, `lock` and
+    `set_grad_checkpointing` work for most towers.
     """
 
     #: Sub-module names of the two towers, used by `lock`; set by each adapter.
@@ -64,14 +65,18 @@ class ClipBackbone(nn.Module, ABC):
         """(B, L) token ids -> (B, D) L2-normalized features."""
 
     @property
-    @abstractmethod
     def io(self) -> BackboneIO:
-        """Tokenizer and image transforms matching this model."""
+        """Tokenizer and image transforms matching this model: `self._io`, which adapters set when built."""
+        return self._io
 
     @property
-    @abstractmethod
     def log_logit_scale(self) -> nn.Parameter:
-        """The learned temperature, stored as a log (CLIP convention) so it stays positive."""
+        """The learned temperature, stored as a log (CLIP convention) so it stays positive.
+
+        open_clip, Hugging Face and the world CLIP all keep it as `model.logit_scale`; adapters of models that
+        keep it elsewhere override this.
+        """
+        return self.model.logit_scale
 
     @property
     def logit_scale(self) -> Tensor:

@@ -17,7 +17,7 @@ from typing import Any
 
 import open_clip
 import PIL.Image
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
@@ -185,14 +185,6 @@ class HFClipBackbone(ClipBackbone):
             processor = AutoImageProcessor.from_pretrained(model)
         train_transform, eval_transform = _transforms(processor)
         return BackboneIO(train_transform=train_transform, eval_transform=eval_transform, tokenizer=tokenizer)
-
-    @property
-    def io(self) -> BackboneIO:
-        return self._io
-
-    @property
-    def log_logit_scale(self) -> nn.Parameter:
-        return self.model.logit_scale
 
     def encode_image(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, D) unit-norm image features."""

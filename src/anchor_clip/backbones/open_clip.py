@@ -255,14 +255,6 @@ class OpenClipBackbone(ClipBackbone):
         _check_pretrained(name, pretrained)
         return _io(_named_preprocess(name, pretrained), open_clip.get_tokenizer(name))
 
-    @property
-    def io(self) -> BackboneIO:
-        return self._io
-
-    @property
-    def log_logit_scale(self) -> nn.Parameter:
-        return self.model.logit_scale
-
     def encode_image(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) -> (B, D) unit-norm image features."""
         return self.model.encode_image(images, normalize=True)

@@ -376,14 +376,6 @@ class WorldClipBackbone(ClipBackbone):
     def encode_text(self, tokens: Tensor) -> Tensor:
         return self.model.encode_text(tokens)
 
-    @property
-    def io(self) -> BackboneIO:
-        return self._io
-
-    @property
-    def log_logit_scale(self) -> nn.Parameter:
-        return self.model.logit_scale
-
     def train(self, mode: bool = True) -> WorldClipBackbone:
         """Train mode, except BatchNorm layers stay in eval mode when `config.freeze_batch_stats` is set."""
         super().train(mode)

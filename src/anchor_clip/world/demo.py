@@ -344,13 +344,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=FinetuneRecipe.steps, help="finetune steps per method")
     parser.add_argument("--pretrain-steps", type=int, default=PretrainRecipe.steps,
                         help="world-CLIP pretraining steps (each value is its own cache entry)")
+    parser.add_argument("--caption-weight", type=float, default=FinetuneRecipe.caption_weight,
+                        help="λ_caption of the runs with caption anchors")
+    parser.add_argument("--retrieved-weight", type=float, default=FinetuneRecipe.retrieved_weight,
+                        help="λ_retrieved of the runs with retrieved anchors (and of the replay control)")
     parser.add_argument("--oracle", action="store_true", help="also run the oracle-caption ablation")
     parser.add_argument("--baselines", action="store_true", help="also run the LP, FT and LP-FT baselines")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     world = WorldConfig(seed=args.world_seed, finetune_context_bias=args.context_bias)
     config = DemoConfig(world=world, seed=args.seed, oracle=args.oracle, baselines=args.baselines,
-                        finetune=FinetuneRecipe(steps=args.steps), pretrain=PretrainRecipe(steps=args.pretrain_steps))
+                        finetune=FinetuneRecipe(steps=args.steps, caption_weight=args.caption_weight,
+                                                retrieved_weight=args.retrieved_weight),
+                        pretrain=PretrainRecipe(steps=args.pretrain_steps))
     table = run_demo(config, args.out)
     print(to_markdown(table))
     print(f"\nwritten to {Path(args.out).resolve()}: results.csv/.md, id_vs_ood.png, wise.csv, drift.csv, demo.json")
