@@ -105,3 +105,37 @@ def test_load_image_gives_the_files_pixels_as_rgb_with_the_file_closed(tmp_path,
     path.unlink()  # the pixels are in memory: nothing reads the file after load_image returns
     assert image.mode == "RGB" and image.size == (5, 6)
     assert np.array_equal(np.asarray(image), np.asarray(source.convert("RGB")))
+
+
+def test_decoded_streams_give_the_same_batches_without_reading_files(tiny_data, monkeypatch):
+    from anchor_clip.data import images
+
+    batches = {}
+    for mb in (0, 64):
+        dm = make_datamodule(tiny_data, decoded_cache_mb=mb)
+        if mb:  # decoded in setup: the training streams no longer touch the files
+            monkeypatch.setattr(images, "read_image", lambda path: pytest.fail(f"read {path} from disk"))
+        torch.manual_seed(0)
+        batches[mb], _, _ = next(iter(dm.train_dataloader()))
+    for stream in ("finetune", "retrieved"):
+        from_files, decoded = batches[0][stream], batches[64][stream]
+        assert from_files.keys() == decoded.keys()
+        for key in ("images", "texts"):  # the augmented images and the tokenized prompts or captions
+            assert torch.equal(from_files[key], decoded[key]), (stream, key)
+
+
+def test_decoding_falls_back_to_the_files_with_a_warning(tiny_data, tmp_path):
+    from anchor_clip.data.images import DecodedImages
+
+    with pytest.warns(UserWarning, match=r"data.retrieved: its 40 images need .* MB decoded, more than "
+                                         r"data.decoded_cache_mb=0.01"):
+        dm = make_datamodule(tiny_data, decoded_cache_mb=0.01)
+    assert dm.streams["retrieved"].image(0).size == (32, 32)  # still readable, from its file
+    sizes = []
+    for i, size in enumerate((32, 48)):
+        sizes.append(str(tmp_path / f"{i}.png"))
+        Image.new("RGB", (size, size)).save(sizes[-1])
+    with pytest.warns(UserWarning, match=r"1.png is 48x48 px but the stream's first image is 32x32"):
+        assert DecodedImages.decode(sizes, max_mb=64, what="data.finetune") is None
+    with pytest.raises(ValueError, match="data.decoded_cache_mb must be >= 0"):
+        make_datamodule(tiny_data, decoded_cache_mb=-1)

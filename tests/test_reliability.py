@@ -113,7 +113,8 @@ def test_training_batches_keep_their_size_when_an_image_is_unreadable(tiny_data,
     assert sum(len(b["finetune"][SKIPPED]) for b, _, _ in batches) == 1  # one pass over 32 rows: read once
 
 
-def test_bad_images_are_skipped_counted_per_stream_and_logged(tiny_data, tmp_path):
+@pytest.mark.parametrize("decoded_cache_mb", [0, 64])  # read from the files, or decoded once in setup
+def test_bad_images_are_skipped_counted_per_stream_and_logged(tiny_data, tmp_path, decoded_cache_mb):
     L.seed_everything(0)
     data = copy_data(tiny_data, tmp_path)
     bad_pool = [3, 10, 25]
@@ -122,7 +123,7 @@ def test_bad_images_are_skipped_counted_per_stream_and_logged(tiny_data, tmp_pat
     corrupt(image_path(data, "retrieved", 25), truncate=True)
     os.remove(image_path(data, "finetune", 5))
     corrupt(image_path(data, "eval_id", 2))
-    dm = make_datamodule(data, max_bad_fraction=0.1)
+    dm = make_datamodule(data, max_bad_fraction=0.1, decoded_cache_mb=decoded_cache_mb)
     with pytest.warns(UnreadableImageWarning) as warned:
         trainer(tmp_path, max_steps=5, validate=True, val_check_interval=5).fit(make_module(), dm)
     messages = " ".join(str(w.message) for w in warned)

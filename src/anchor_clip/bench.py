@@ -241,7 +241,8 @@ def loader_throughput(workers: int, batches: int, repeats: int, config: DemoConf
     loader_rate = per_step * batches / (time.perf_counter() - start)
 
     module = AnchorFinetuneModule(backbone="world_clip", pretrained=str(weights), backbone_config=model,
-                                  caption_weight=recipe.caption_weight, retrieved_weight=recipe.retrieved_weight)
+                                  caption_weight=recipe.caption_weight, retrieved_weight=recipe.retrieved_weight,
+                                  channels_last=recipe.channels_last)  # the step the demo runs
     optimizer = torch.optim.AdamW(module.param_groups(), lr=recipe.lr)
     step = module_step(module.train(), optimizer, first, torch.autocast("cpu", enabled=False))
     median = time_steps({"arf": step}, warmup=2, repeats=repeats, device=torch.device("cpu"))["arf"]["median_s"]

@@ -136,6 +136,9 @@ class AnchorDataModule(L.LightningDataModule):
         num_workers: loader workers per stream.
         max_bad_fraction: the largest share of a stream's or evaluation set's images that may be missing or
             unreadable; those are skipped (and counted, `data/skipped_<stream>`), more stops the run.
+        decoded_cache_mb: decode each training stream's images once into memory when they share one size and
+            take at most this many MB (small images, whose file read and decode cost more than their transform);
+            0 reads the files every epoch. The tensors are the same either way.
         backbone: backbone spec, linked from `model.backbone` by the CLI.
         backbone_config: backbone config dict, linked from `model.backbone_config`.
         pretrained: pretrained tag or checkpoint, linked from `model.pretrained` (its preprocessing may differ).
@@ -155,6 +158,7 @@ class AnchorDataModule(L.LightningDataModule):
         eval_batch_size: int = 256,
         num_workers: int = 2,
         max_bad_fraction: float = 0.01,
+        decoded_cache_mb: float = 0.0,
         backbone: str = "world_clip",
         backbone_config: dict[str, Any] | None = None,
         pretrained: str | None = None,
@@ -174,6 +178,9 @@ class AnchorDataModule(L.LightningDataModule):
             raise ValueError(f"batch sizes must be positive integers (per process), got {bad}")
         if num_workers < 0:
             raise ValueError(f"data.num_workers must be >= 0, got {num_workers}")
+        if decoded_cache_mb < 0:
+            raise ValueError(f"data.decoded_cache_mb must be >= 0 (0 reads the files every epoch), got "
+                             f"{decoded_cache_mb}")
         if not 0.0 <= max_bad_fraction < 1.0:
             raise ValueError(f"data.max_bad_fraction must be in [0, 1), got {max_bad_fraction}; 0 stops at the "
                              "first unreadable image, 0.01 tolerates 1%")
@@ -232,6 +239,9 @@ class AnchorDataModule(L.LightningDataModule):
         datasets = {**self.streams, **{s.name: d for s, d in zip(self.eval_sets, self.evals, strict=True)}}
         for name, source in self.sources.items():
             check_files(datasets[name].paths, source.what, source.table, self.max_bad_fraction)
+        if hp.decoded_cache_mb > 0:  # after the checks: a table of missing files stops before any decoding
+            for name, stream in self.streams.items():
+                stream.decode_once(hp.decoded_cache_mb, self.sources[name].what)
 
     @property
     def eval_specs(self) -> list[EvalSpec]:

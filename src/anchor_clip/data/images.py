@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
@@ -57,7 +59,66 @@ def read_image(path: str) -> Image.Image:
         raise UnreadableImage(path, reason) from err
 
 
-class LabelledImages(Dataset):
+class DecodedImages:
+    """Every image of a stream decoded once into one (N, H, W, 3) uint8 array, read back as PIL images.
+
+    A small image spends more of its loading time in the file read and PNG decode than in its transform, and a
+    training stream decodes each file again every epoch. Decoded once, an epoch costs only the transforms, and
+    they see the same pixels. One array rather than N image objects, so that forked DataLoader workers share
+    its pages instead of copying them. An unreadable file raises `UnreadableImage` when its index is read, as
+    it would from disk, so the streams skip and count it the same way.
+    """
+
+    def __init__(self, pixels: np.ndarray, unreadable: dict[int, UnreadableImage]) -> None:
+        self.pixels, self.unreadable = pixels, unreadable
+
+    @classmethod
+    def decode(cls, paths: Sequence[str], max_mb: float, what: str) -> DecodedImages | None:
+        """Decode `paths`, or None (the files stay on disk) if they differ in size or exceed `max_mb`."""
+        pixels, unreadable = None, {}
+        for index, path in enumerate(paths):
+            try:
+                image = np.asarray(read_image(path))  # (H, W, 3) uint8
+            except UnreadableImage as err:
+                unreadable[index] = err
+                continue
+            if pixels is None:
+                needed_mb = len(paths) * image.nbytes / 2**20
+                if needed_mb > max_mb:
+                    warnings.warn(f"{what}: its {len(paths)} images need {needed_mb:.0f} MB decoded, more than "
+                                  f"data.decoded_cache_mb={max_mb:g}; reading the files every epoch", stacklevel=2)
+                    return None
+                pixels = np.empty((len(paths), *image.shape), dtype=np.uint8)
+            if image.shape != pixels.shape[1:]:
+                warnings.warn(f"{what}: {path} is {image.shape[1]}x{image.shape[0]} px but the stream's first "
+                              f"image is {pixels.shape[2]}x{pixels.shape[1]}; one array needs one size, so the "
+                              "files are read every epoch", stacklevel=2)
+                return None
+            pixels[index] = image
+        return None if pixels is None else cls(pixels, unreadable)
+
+    def __getitem__(self, index: int) -> Image.Image:
+        if index in self.unreadable:
+            raise self.unreadable[index]
+        return Image.fromarray(self.pixels[index])
+
+
+class ImageFiles(Dataset):
+    """A dataset of image files (`self.paths`) that can be decoded into memory once (`decode_once`)."""
+
+    paths: list[str]
+    _decoded: DecodedImages | None = None
+
+    def decode_once(self, max_mb: float, what: str) -> bool:
+        """Keep every image decoded in memory if they share a size and fit in `max_mb`; True if they do."""
+        self._decoded = DecodedImages.decode(self.paths, max_mb, what)
+        return self._decoded is not None
+
+    def image(self, index: int) -> Image.Image:
+        return read_image(self.paths[index]) if self._decoded is None else self._decoded[index]
+
+
+class LabelledImages(ImageFiles):
     """Images with integer labels into a class-name list: an evaluation set, or the base of the finetune stream.
 
     Args:
@@ -96,4 +157,4 @@ class LabelledImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return {"images": self.transform(read_image(self.paths[index])), "labels": self.labels[index]}
+        return {"images": self.transform(self.image(index)), "labels": self.labels[index]}

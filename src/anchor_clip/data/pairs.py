@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from torch.utils.data import Dataset
-
 from anchor_clip.backbones.base import ImageTransform
-from anchor_clip.data.images import read_image
+from anchor_clip.data.images import ImageFiles
 from anchor_clip.data.tables import read_table, resolve_paths
 
 
-class ImageTextPairs(Dataset):
+class ImageTextPairs(ImageFiles):
     """Rows of a pair manifest (`filepath`, `caption`) as image tensors with their own caption.
 
     Args:
@@ -35,4 +33,4 @@ class ImageTextPairs(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict:
-        return {"images": self.transform(read_image(self.paths[index])), "texts": self.captions[index]}
+        return {"images": self.transform(self.image(index)), "texts": self.captions[index]}

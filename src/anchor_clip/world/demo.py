@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 class FinetuneRecipe:
     """One finetune's settings, shared by every method so that only the anchors differ."""
 
-    steps: int = 300
+    steps: int = 600  # on world 2, ARF's ID gap to FLYP was 3.5 points after 300 steps and 1.2 after 600
     batch_size: int = 128  # finetune images per step; anchor batches have the same size
     lr: float = 2e-3  # on worlds 0 and 1, FLYP loses 1-4 more points on the style shifts than at 1e-3
     weight_decay: float = 0.1
@@ -51,6 +51,8 @@ class FinetuneRecipe:
     caption_weight: float = 1.0  # λ_caption when the caption stream is on
     retrieved_weight: float = 1.0  # λ_retrieved when the retrieved (or replay) stream is on
     num_workers: int = 2
+    channels_last: bool = True  # the conv tower's steps are ~20 % faster on CPU; the loss is the same
+    decoded_cache_mb: float = 512  # decode the 32 px training streams once (finetune 12 MB, retrieved ~90 MB)
 
 
 @dataclass
@@ -144,7 +146,8 @@ def _datamodule(world: World, recipe: FinetuneRecipe, weights: Path, model: dict
         finetune=str(world.finetune), classnames=str(world.finetune_classnames_file), templates=[CLASS_PROMPT],
         captions=None if captions is None else str(captions), retrieved=None if retrieved is None else str(retrieved),
         eval_sets=world_eval_sets(world), eval_templates=eval_templates(world), batch_size=recipe.batch_size,
-        num_workers=recipe.num_workers, backbone="world_clip", backbone_config=model, pretrained=str(weights))
+        num_workers=recipe.num_workers, decoded_cache_mb=recipe.decoded_cache_mb, backbone="world_clip",
+        backbone_config=model, pretrained=str(weights))
 
 
 def evaluate(module: AnchorFinetuneModule, data: AnchorDataModule) -> dict[str, float]:
@@ -174,7 +177,8 @@ def finetune(world: World, weights: Path, recipe: FinetuneRecipe, run_dir: Path,
     L.seed_everything(seed, workers=True)
     model = finetune_config(model)
     common = dict(backbone="world_clip", pretrained=str(weights), backbone_config=model, lr=recipe.lr,
-                  weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps)
+                  weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps,
+                  channels_last=recipe.channels_last)
     if classifier is not None:
         init = classifier.get("init_head")
         module = ClassifierFinetuneModule(
@@ -287,12 +291,12 @@ def fit_args(config: DemoConfig | None = None) -> list[str]:
         "--model.backbone_config", json.dumps(finetune_config(config.model)),
         "--model.caption_weight", str(recipe.caption_weight), "--model.retrieved_weight", str(recipe.retrieved_weight),
         "--model.lr", str(recipe.lr), "--model.weight_decay", str(recipe.weight_decay),
-        "--model.warmup_steps", str(recipe.warmup_steps),
+        "--model.warmup_steps", str(recipe.warmup_steps), "--model.channels_last", str(recipe.channels_last),
         "--data.finetune", str(world.finetune), "--data.classnames", str(world.finetune_classnames_file),
         "--data.templates", json.dumps([CLASS_PROMPT]), "--data.captions", str(anchors["captions"]),
         "--data.retrieved", str(anchors["retrieved"]), "--data.eval_sets", json.dumps(eval_sets),
         "--data.eval_templates", json.dumps(eval_templates(world)), "--data.batch_size", str(recipe.batch_size),
-        "--data.num_workers", str(recipe.num_workers),
+        "--data.num_workers", str(recipe.num_workers), "--data.decoded_cache_mb", str(recipe.decoded_cache_mb),
         "--trainer.max_steps", str(recipe.steps), "--trainer.val_check_interval", str(recipe.steps),
         "--trainer.check_val_every_n_epoch", "null", "--trainer.default_root_dir", "runs/world_arf",
     ]

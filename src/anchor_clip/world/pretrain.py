@@ -25,6 +25,10 @@ from anchor_clip.data.tables import write_atomic
 from anchor_clip.module import AnchorFinetuneModule
 from anchor_clip.world.generate import World
 
+#: The pool's 32 px images (60k, ~180 MB) are decoded once instead of every epoch; the weights are the same, so it
+#: is not part of the recipe or the cache key.
+POOL_DECODED_MB = 512
+
 PRETRAIN_VERSION = 2  # bump when the recipe or the world_clip defaults change, so old caches are not reused
 
 
@@ -46,6 +50,7 @@ class PretrainRecipe:
     warmup_steps: int = 100
     num_workers: int = 2
     seed: int = 0
+    channels_last: bool = True  # the conv tower's steps are ~20 % faster on CPU; the loss is the same
 
 
 def world_eval_sets(world: World, names: tuple[str, ...] | None = None) -> list[EvalSet]:
@@ -82,9 +87,11 @@ def pretrain_world_clip(world: World, model_config: dict[str, Any] | None = None
         return weights
     L.seed_everything(recipe.seed, workers=True)
     module = AnchorFinetuneModule(backbone="world_clip", backbone_config=model_config, retrieved_weight=1.0,
-                                  lr=recipe.lr, weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps)
+                                  lr=recipe.lr, weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps,
+                                  channels_last=recipe.channels_last)
     data = AnchorDataModule(retrieved=str(world.pool), eval_sets=world_eval_sets(world, ("id", "zeroshot")),
-                            batch_size=recipe.batch_size, num_workers=recipe.num_workers, backbone="world_clip",
+                            batch_size=recipe.batch_size, num_workers=recipe.num_workers,
+                            decoded_cache_mb=POOL_DECODED_MB, backbone="world_clip",
                             backbone_config=model_config)
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=250)
     # Validate once, at the last step: the zero-shot accuracy the cache records.
