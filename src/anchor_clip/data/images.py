@@ -109,10 +109,9 @@ class ImageFiles(Dataset):
     paths: list[str]
     _decoded: DecodedImages | None = None
 
-    def decode_once(self, max_mb: float, what: str) -> bool:
-        """Keep every image decoded in memory if they share a size and fit in `max_mb`; True if they do."""
+    def decode_once(self, max_mb: float, what: str) -> None:
+        """Keep every image decoded in memory if they share a size and fit in `max_mb` (else warn, read files)."""
         self._decoded = DecodedImages.decode(self.paths, max_mb, what)
-        return self._decoded is not None
 
     def image(self, index: int) -> Image.Image:
         return read_image(self.paths[index]) if self._decoded is None else self._decoded[index]
