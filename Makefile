@@ -12,8 +12,8 @@ NEED_GB ?= 7
 PIP := $(PY) -m pip install -q --disable-pip-version-check --no-cache-dir
 
 $(STAMP): requirements.lock setup.cfg
-	@test -x $(PY) || free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); if [ "$${free:-$(NEED_GB)}" -lt $(NEED_GB) ]; then \
-	  echo "make install: $$free GB free under $$(pwd); a new $(VENV) needs about $(NEED_GB) GB" >&2; exit 1; fi
+	@if [ ! -x $(PY) ]; then free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); [ "$$free" -ge $(NEED_GB) ] || \
+	  { echo "make install: $$free GB free under $$(pwd); a new $(VENV) needs about $(NEED_GB) GB" >&2; exit 1; }; fi
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) -r requirements.lock
 	$(PIP) --no-deps -e .

@@ -50,7 +50,7 @@ class PretrainRecipe:
     warmup_steps: int = 100
     num_workers: int = 2
     seed: int = 0
-    channels_last: bool = True  # the conv tower's steps are ~20 % faster on CPU; the loss is the same
+    channels_last: bool = True  # conv tower forward+backward 15-25 % faster on CPU; same loss up to rounding
 
 
 def world_eval_sets(world: World, names: tuple[str, ...] | None = None) -> list[EvalSet]:
