@@ -92,9 +92,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--caption-weight", type=float, default=FinetuneRecipe.caption_weight, help="λ_caption")
     parser.add_argument("--retrieved-weight", type=float, default=FinetuneRecipe.retrieved_weight,
                         help="λ_retrieved (also the replay control's)")
+    parser.add_argument("--retrieved-batch-size", type=int, default=FinetuneRecipe.retrieved_batch_size,
+                        help="retrieved (and replay) pairs per step; default: the finetune batch size")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    recipe = FinetuneRecipe(caption_weight=args.caption_weight, retrieved_weight=args.retrieved_weight)
+    recipe = FinetuneRecipe(caption_weight=args.caption_weight, retrieved_weight=args.retrieved_weight,
+                            retrieved_batch_size=args.retrieved_batch_size)
     runs = run_seeds(args.seeds, args.out, args.context_bias, recipe)
     summary, checks = mean_std(runs), targets(runs)
     write_table(runs, args.out / "runs.csv")

@@ -124,6 +124,20 @@ def test_decoded_streams_give_the_same_batches_without_reading_files(tiny_data, 
             assert torch.equal(from_files[key], decoded[key]), (stream, key)
 
 
+def test_eval_sets_are_decoded_when_first_loaded_and_give_the_same_batches(tiny_data, monkeypatch):
+    from anchor_clip.data import images
+
+    from_files = [next(iter(loader)) for loader in make_datamodule(tiny_data).val_dataloader()]
+    dm = make_datamodule(tiny_data, decoded_cache_mb=64)
+    assert all(d._decoded is None for d in dm.evals)  # not in setup: a run that never validates skips it
+    first = [next(iter(loader)) for loader in dm.val_dataloader()]
+    monkeypatch.setattr(images, "read_image", lambda path: pytest.fail(f"read {path} from disk"))
+    again = [next(iter(loader)) for loader in dm.val_dataloader()]  # a second evaluation reads no file
+    for files, *decoded in zip(from_files, first, again, strict=True):
+        for batch in decoded:
+            assert torch.equal(files["images"], batch["images"]) and torch.equal(files["labels"], batch["labels"])
+
+
 def test_decoding_falls_back_to_the_files_with_a_warning(tiny_data, tmp_path):
     from anchor_clip.data.images import DecodedImages
 

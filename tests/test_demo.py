@@ -1,15 +1,19 @@
 """The embedded demo end to end on a tiny world: every method runs, the outputs are written, notebooks render."""
 
+import copy
 from pathlib import Path
 
 import nbformat
 import pandas as pd
 import pytest
+import torch
 from nbclient import NotebookClient
 
 from anchor_clip.bench import loader_throughput
 from anchor_clip.fit import cli_main
-from anchor_clip.world.demo import AnchorRecipe, DemoConfig, FinetuneRecipe, fit_args, run_demo
+from anchor_clip.module import AnchorFinetuneModule
+from anchor_clip.world.demo import (AnchorRecipe, DemoConfig, FinetuneRecipe, _datamodule, evaluate, finetune_config,
+                                   fit_args, prepare, run_demo, wise_curves)
 from anchor_clip.world.generate import WorldConfig
 from anchor_clip.world.pretrain import PretrainRecipe
 
@@ -59,6 +63,31 @@ def test_wise_curve_endpoints_are_the_pretrained_and_finetuned_models(demo):
     assert curves.loc[("flyp", 0.5), "ood_avg"] == pytest.approx(table.loc["wise_flyp_0.5", "ood_avg"])
 
 
+def test_wise_curve_reuses_the_endpoint_results_that_measuring_them_would_give(demo, monkeypatch):
+    from anchor_clip.world import demo as demo_module
+
+    monkeypatch.setenv("ANCHOR_CLIP_CACHE", str(demo["cache"]))
+    config = demo["config"]
+    world, weights, _ = prepare(config)
+    model = finetune_config(config.model)
+    data = _datamodule(world, config.finetune, weights, model)
+    pretrained = AnchorFinetuneModule(backbone="world_clip", pretrained=str(weights), backbone_config=model)
+    finetuned = copy.deepcopy(pretrained)
+    with torch.no_grad():
+        for param in finetuned.backbone.parameters():
+            param.add_(0.5 * torch.randn_like(param))
+    results = {"zeroshot": evaluate(pretrained, data), "ft": evaluate(finetuned, data)}
+    measured = wise_curves(pretrained, {"ft": finetuned}, data, (0.0, 0.5, 1.0)).set_index("alpha")
+    assert measured.loc[0.0].drop("method").to_dict() == results["zeroshot"]
+    assert measured.loc[1.0].drop("method").to_dict() == results["ft"]
+
+    calls = []
+    monkeypatch.setattr(demo_module, "evaluate", lambda module, data: calls.append(module) or evaluate(module, data))
+    reused = wise_curves(pretrained, {"ft": finetuned}, data, (0.0, 0.5, 1.0), results).set_index("alpha")
+    assert len(calls) == 1  # only the interpolated point is evaluated
+    pd.testing.assert_frame_equal(reused, measured)
+
+
 def test_replay_control_has_as_many_pairs_as_the_retrieved_anchors(demo):
     anchors = {p.parent.name: len(pd.read_csv(p)) for p in (demo["cache"] / "anchors").rglob("*_anchors.csv")}
     assert anchors["replay"] == anchors["retrieved"] > 0
@@ -101,7 +130,8 @@ def test_demo_flags_set_the_anchor_weights_of_every_anchored_run(monkeypatch, tm
         return pd.DataFrame({"id": [90.0]}, index=pd.Index(["flyp"], name="method"))
 
     monkeypatch.setattr(demo_module, "run_demo", run_demo)
-    demo_module.main(["--out", str(tmp_path), "--caption-weight", "0.25", "--retrieved-weight", "0.5"])
+    demo_module.main(["--out", str(tmp_path), "--caption-weight", "0.25", "--retrieved-weight", "0.5",
+                      "--retrieved-batch-size", "48"])
     recipe = seen["config"].finetune
-    assert (recipe.caption_weight, recipe.retrieved_weight) == (0.25, 0.5)
+    assert (recipe.caption_weight, recipe.retrieved_weight, recipe.retrieved_batch_size) == (0.25, 0.5, 48)
     assert recipe.steps == FinetuneRecipe.steps  # the other knobs keep their defaults

@@ -113,7 +113,7 @@ def test_training_batches_keep_their_size_when_an_image_is_unreadable(tiny_data,
     assert sum(len(b["finetune"][SKIPPED]) for b, _, _ in batches) == 1  # one pass over 32 rows: read once
 
 
-@pytest.mark.parametrize("decoded_cache_mb", [0, 64])  # read from the files, or decoded once in setup
+@pytest.mark.parametrize("decoded_cache_mb", [0, 64])  # from the files, or decoded once (the eval set too)
 def test_bad_images_are_skipped_counted_per_stream_and_logged(tiny_data, tmp_path, decoded_cache_mb):
     L.seed_everything(0)
     data = copy_data(tiny_data, tmp_path)

@@ -138,7 +138,8 @@ class AnchorDataModule(L.LightningDataModule):
             unreadable; those are skipped (and counted, `data/skipped_<stream>`), more stops the run.
         decoded_cache_mb: decode each training stream's images once into memory when they share one size and
             take at most this many MB (small images, whose file read and decode cost more than their transform);
-            0 reads the files every epoch. The tensors are the same either way.
+            0 reads the files every epoch. Evaluation sets are decoded likewise when first loaded, so repeated
+            evaluations read their files once. The tensors are the same either way.
         backbone: backbone spec, linked from `model.backbone` by the CLI.
         backbone_config: backbone config dict, linked from `model.backbone_config`.
         pretrained: pretrained tag or checkpoint, linked from `model.pretrained` (its preprocessing may differ).
@@ -206,6 +207,7 @@ class AnchorDataModule(L.LightningDataModule):
         self.sources: dict[str, DataSource] = {}
         self._resume: dict[str, Any] = {}
         self._samplers: dict[str, StreamSampler] = {}
+        self._evals_decoded = False
 
     def setup(self, stage: str) -> None:
         """Read and check every table in every process, before any worker starts.
@@ -327,6 +329,11 @@ class AnchorDataModule(L.LightningDataModule):
         warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
 
     def val_dataloader(self) -> list[DataLoader]:
+        if self.hparams.decoded_cache_mb > 0 and not self._evals_decoded:
+            # on first use rather than in setup: a finetune that never validates does not pay for it
+            for s, d in zip(self.eval_sets, self.evals, strict=True):
+                d.decode_once(self.hparams.decoded_cache_mb, self.sources[s.name].what)
+            self._evals_decoded = True
         return [self._loader(d, self.hparams.eval_batch_size) for d in self.evals]
 
     def test_dataloader(self) -> list[DataLoader]:

@@ -44,7 +44,8 @@ class FinetuneRecipe:
     """One finetune's settings, shared by every method so that only the anchors differ."""
 
     steps: int = 600  # 3 worlds: FLYP forgets more than at 300 (shift -8.2 vs -4.2); ARF's ID gap -1.3 vs -1.4
-    batch_size: int = 128  # finetune images per step; anchor batches have the same size
+    batch_size: int = 128  # finetune images per step; caption anchors pair with these images
+    retrieved_batch_size: int | None = None  # retrieved (or replay) pairs per step; None = batch_size
     lr: float = 2e-3  # on worlds 0 and 1, FLYP loses 1-4 more points on the style shifts than at 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 20
@@ -146,8 +147,8 @@ def _datamodule(world: World, recipe: FinetuneRecipe, weights: Path, model: dict
         finetune=str(world.finetune), classnames=str(world.finetune_classnames_file), templates=[CLASS_PROMPT],
         captions=None if captions is None else str(captions), retrieved=None if retrieved is None else str(retrieved),
         eval_sets=world_eval_sets(world), eval_templates=eval_templates(world), batch_size=recipe.batch_size,
-        num_workers=recipe.num_workers, decoded_cache_mb=recipe.decoded_cache_mb, backbone="world_clip",
-        backbone_config=model, pretrained=str(weights))
+        retrieved_batch_size=recipe.retrieved_batch_size, num_workers=recipe.num_workers,
+        decoded_cache_mb=recipe.decoded_cache_mb, backbone="world_clip", backbone_config=model, pretrained=str(weights))
 
 
 def evaluate(module: AnchorFinetuneModule, data: AnchorDataModule) -> dict[str, float]:
@@ -198,15 +199,24 @@ def finetune(world: World, weights: Path, recipe: FinetuneRecipe, run_dir: Path,
 
 
 def wise_curves(pretrained: AnchorFinetuneModule, finetuned: dict[str, AnchorFinetuneModule],
-                data: AnchorDataModule, world: World, alphas: tuple[float, ...]) -> pd.DataFrame:
-    """Accuracies of WiSE-FT interpolations between the pretrained model and each finetuned one, per α."""
+                data: AnchorDataModule, alphas: tuple[float, ...],
+                results: dict[str, dict[str, float]] | None = None) -> pd.DataFrame:
+    """Accuracies of WiSE-FT interpolations between the pretrained model and each finetuned one, per α.
+
+    The ends of each curve are the pretrained (α=0) and finetuned (α=1) models themselves: their accuracies are
+    taken from `results` (keys "zeroshot" and the method names) when given, instead of being measured again.
+    """
+    results = results or {}
     merged = copy.deepcopy(pretrained)
     rows = []
     for method, module in finetuned.items():
         for alpha in alphas:
-            merged.backbone.load_state_dict(interpolate(pretrained.backbone.state_dict(),
-                                                        module.backbone.state_dict(), alpha))
-            rows.append({"method": method, "alpha": alpha, **evaluate(merged, data)})
+            known = results.get({0.0: "zeroshot", 1.0: method}.get(alpha, ""))
+            if known is None:
+                merged.backbone.load_state_dict(interpolate(pretrained.backbone.state_dict(),
+                                                            module.backbone.state_dict(), alpha))
+                known = evaluate(merged, data)
+            rows.append({"method": method, "alpha": alpha, **known})
     return pd.DataFrame(rows)
 
 
@@ -296,6 +306,7 @@ def fit_args(config: DemoConfig | None = None) -> list[str]:
         "--data.templates", json.dumps([CLASS_PROMPT]), "--data.captions", str(anchors["captions"]),
         "--data.retrieved", str(anchors["retrieved"]), "--data.eval_sets", json.dumps(eval_sets),
         "--data.eval_templates", json.dumps(eval_templates(world)), "--data.batch_size", str(recipe.batch_size),
+        *(["--data.retrieved_batch_size", str(recipe.retrieved_batch_size)] if recipe.retrieved_batch_size else []),
         "--data.num_workers", str(recipe.num_workers), "--data.decoded_cache_mb", str(recipe.decoded_cache_mb),
         "--trainer.max_steps", str(recipe.steps), "--trainer.val_check_interval", str(recipe.steps),
         "--trainer.check_val_every_n_epoch", "null", "--trainer.default_root_dir", "runs/world_arf",
@@ -322,7 +333,7 @@ def run_demo(config: DemoConfig, out: str | Path) -> pd.DataFrame:
         results[name] = evaluate(modules[name], eval_data)
         log.info("%s: %s", name, results[name])
 
-    curves = wise_curves(pretrained, {m: modules[m] for m in ("flyp", "arf")}, eval_data, world, config.wise_alphas)
+    curves = wise_curves(pretrained, {m: modules[m] for m in ("flyp", "arf")}, eval_data, config.wise_alphas, results)
     results["wise_flyp_0.5"] = curves.set_index(["method", "alpha"]).loc[("flyp", 0.5)].to_dict()
 
     table = summarize(results, world)
@@ -352,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="λ_caption of the runs with caption anchors")
     parser.add_argument("--retrieved-weight", type=float, default=FinetuneRecipe.retrieved_weight,
                         help="λ_retrieved of the runs with retrieved anchors (and of the replay control)")
+    parser.add_argument("--retrieved-batch-size", type=int, default=FinetuneRecipe.retrieved_batch_size,
+                        help="retrieved (and replay) pairs per step; default: the finetune batch size")
     parser.add_argument("--oracle", action="store_true", help="also run the oracle-caption ablation")
     parser.add_argument("--baselines", action="store_true", help="also run the LP, FT and LP-FT baselines")
     args = parser.parse_args(argv)
@@ -359,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
     world = WorldConfig(seed=args.world_seed, finetune_context_bias=args.context_bias)
     config = DemoConfig(world=world, seed=args.seed, oracle=args.oracle, baselines=args.baselines,
                         finetune=FinetuneRecipe(steps=args.steps, caption_weight=args.caption_weight,
-                                                retrieved_weight=args.retrieved_weight),
+                                                retrieved_weight=args.retrieved_weight,
+                                                retrieved_batch_size=args.retrieved_batch_size),
                         pretrain=PretrainRecipe(steps=args.pretrain_steps))
     table = run_demo(config, args.out)
     print(to_markdown(table))
