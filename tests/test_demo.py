@@ -12,8 +12,18 @@ from nbclient import NotebookClient
 from anchor_clip.bench import loader_throughput
 from anchor_clip.fit import cli_main
 from anchor_clip.module import AnchorFinetuneModule
-from anchor_clip.world.demo import (AnchorRecipe, DemoConfig, FinetuneRecipe, _datamodule, evaluate, finetune_config,
-                                   fit_args, prepare, run_demo, wise_curves)
+from anchor_clip.world.demo import (
+    AnchorRecipe,
+    DemoConfig,
+    FinetuneRecipe,
+    _datamodule,
+    evaluate,
+    finetune_config,
+    fit_args,
+    prepare,
+    run_demo,
+    wise_curves,
+)
 from anchor_clip.world.generate import WorldConfig
 from anchor_clip.world.pretrain import PretrainRecipe
 
