@@ -90,6 +90,15 @@ def test_no_training_stream_is_an_error():
         AnchorDataModule()
 
 
+def test_eval_sets_given_as_mappings_are_kept_as_plain_dicts_for_the_checkpoint(tiny_data):
+    as_dict = {"name": "id", "manifest": tiny_data["eval_id"], "classnames": CLASSES, "templates": None}
+    data = make_datamodule(tiny_data, eval_sets=[as_dict, EvalSet("id2", as_dict["manifest"], CLASSES)])
+    assert data.eval_sets == [EvalSet(**as_dict), EvalSet("id2", as_dict["manifest"], CLASSES)]
+    assert data.hparams["eval_sets"] == [as_dict, {**as_dict, "name": "id2"}]
+    with pytest.raises(ValueError, match=r"data.eval_sets\[1\] must be an EvalSet or a mapping with name, manifest"):
+        make_datamodule(tiny_data, eval_sets=[as_dict, {"name": "id2", "labels": "x.csv"}])
+
+
 def test_templates_without_class_placeholder_are_rejected(tiny_data):
     with pytest.raises(ValueError, match=r"data.templates must be .*'\{c\}'"):
         make_datamodule(tiny_data, templates=["a photo of a {}."])

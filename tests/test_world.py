@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from anchor_clip.module import AnchorFinetuneModule
 from anchor_clip.world import (
     SHAPE_NAMES,
     STYLES,
@@ -27,7 +29,9 @@ from anchor_clip.world import (
     words,
 )
 from anchor_clip.world import generate as generate_module
+from anchor_clip.world import pretrain as pretrain_module
 from anchor_clip.world.captions import MENTION_PROB, SIZE_WORDS, STYLE_NOUNS, plural
+from anchor_clip.world.pretrain import PretrainRecipe, pretrain_world_clip
 from anchor_clip.world.render import silhouette
 from anchor_clip.world.scene import COLOURS
 
@@ -312,3 +316,32 @@ def test_context_bias_changes_only_the_finetune_and_id_images(tmp_path):
         assert sum(a != b for a, b in zip(before, after, strict=True)) > len(before) // 2
     with pytest.raises(ValueError, match="finetune_context_bias=1.5 must be in"):
         replace(SMALL, finetune_context_bias=1.5)
+
+
+def test_killed_pretraining_resumes_from_its_last_checkpoint(tmp_path, world, monkeypatch):
+    """A run killed mid-way trains only the steps after its last checkpoint on the next call."""
+    recipe = PretrainRecipe(steps=4, batch_size=16, num_workers=0, warmup_steps=1)
+    model = {"embed_dim": 32, "image_width": 8, "text_width": 32, "text_layers": 1, "text_heads": 2}
+    monkeypatch.setattr(pretrain_module, "CHECKPOINT_EVERY", 2)
+    real_step = AnchorFinetuneModule.training_step
+    steps = []
+
+    def dies_at_step_3(self, batch, batch_idx):
+        steps.append(self.global_step)
+        if self.global_step == 2 and len(steps) == 3:
+            raise RuntimeError("killed")
+        return real_step(self, batch, batch_idx)
+
+    monkeypatch.setattr(AnchorFinetuneModule, "training_step", dies_at_step_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        pretrain_world_clip(world, model, recipe, cache_dir=tmp_path)
+    run_dir = tmp_path / "world_clip" / pretrain_module.pretrain_key(world, model, recipe)
+    assert not (run_dir / "world_clip.pt").exists()
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)  # what resuming loads
+    assert last["global_step"] == 2
+
+    steps.clear()
+    weights = pretrain_world_clip(world, model, recipe, cache_dir=tmp_path)
+    assert steps == [2, 3]  # steps 3 and 4 only, not a restart
+    assert weights.is_file()
+    assert "val/id/acc" in json.loads((run_dir / "pretrain.json").read_text())["metrics"]

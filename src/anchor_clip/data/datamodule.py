@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import lightning as L
@@ -114,6 +114,17 @@ class TokenizingCollate:
         return {**default_collate(items), **texts, SKIPPED: skipped}
 
 
+def _eval_set(value: EvalSet | dict[str, Any], index: int) -> EvalSet:
+    """An `EvalSet` from itself or from its fields as a mapping (how checkpoints and YAML configs hold it)."""
+    if isinstance(value, EvalSet):
+        return value
+    known = {f.name for f in fields(EvalSet)}
+    if not isinstance(value, dict) or not {"name", "manifest", "classnames"} <= value.keys() <= known:
+        raise ValueError(f"data.eval_sets[{index}] must be an EvalSet or a mapping with name, manifest, classnames "
+                         f"and optionally templates, got {value!r}")
+    return EvalSet(**value)
+
+
 class AnchorDataModule(L.LightningDataModule):
     """Builds the finetune (+caption) and retrieved streams and the evaluation loaders.
 
@@ -152,7 +163,7 @@ class AnchorDataModule(L.LightningDataModule):
         templates: list[str] | None = None,
         captions: str | None = None,
         retrieved: str | None = None,
-        eval_sets: list[EvalSet] | None = None,
+        eval_sets: list[EvalSet | dict[str, Any]] | None = None,
         eval_templates: list[str] | None = None,
         batch_size: int = 128,
         retrieved_batch_size: int | None = None,
@@ -165,7 +176,7 @@ class AnchorDataModule(L.LightningDataModule):
         pretrained: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["eval_sets"])
         if finetune is None and retrieved is None:
             raise ValueError("data: set data.finetune and/or data.retrieved; no training stream is configured")
         if finetune is not None and classnames is None:
@@ -185,7 +196,9 @@ class AnchorDataModule(L.LightningDataModule):
         if not 0.0 <= max_bad_fraction < 1.0:
             raise ValueError(f"data.max_bad_fraction must be in [0, 1), got {max_bad_fraction}; 0 stops at the "
                              "first unreadable image, 0.01 tolerates 1%")
-        eval_sets = list(eval_sets or [])
+        eval_sets = [_eval_set(s, i) for i, s in enumerate(eval_sets or [])]
+        # Plain dicts in the checkpoint: resuming loads it with torch.load(weights_only=True), which refuses classes.
+        self.hparams["eval_sets"] = [asdict(s) for s in eval_sets]
         names = [s.name for s in eval_sets]
         if len(set(names)) != len(names):
             raise ValueError(f"data.eval_sets names must be unique, got {names}")

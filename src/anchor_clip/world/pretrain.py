@@ -29,6 +29,8 @@ from anchor_clip.world.generate import World
 #: is not part of the recipe or the cache key.
 POOL_DECODED_MB = 512
 
+CHECKPOINT_EVERY = 250  # training steps between the checkpoints a killed run resumes from
+
 PRETRAIN_VERSION = 2  # bump when the recipe or the world_clip defaults change, so old caches are not reused
 
 
@@ -93,7 +95,7 @@ def pretrain_world_clip(world: World, model_config: dict[str, Any] | None = None
                             batch_size=recipe.batch_size, num_workers=recipe.num_workers,
                             decoded_cache_mb=POOL_DECODED_MB, backbone="world_clip",
                             backbone_config=model_config)
-    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=250)
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=CHECKPOINT_EVERY)
     # Validate once, at the last step: the zero-shot accuracy the cache records.
     trainer = L.Trainer(max_steps=recipe.steps, default_root_dir=run_dir, callbacks=[checkpoints],
                         logger=CSVLogger(run_dir, name="logs"), val_check_interval=recipe.steps,
