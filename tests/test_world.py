@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from anchor_clip.data import EvalSet
 from anchor_clip.module import AnchorFinetuneModule
 from anchor_clip.world import (
     SHAPE_NAMES,
@@ -345,3 +346,19 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(tmp_path, world, mo
     assert steps == [2, 3]  # steps 3 and 4 only, not a restart
     assert weights.is_file()
     assert "val/id/acc" in json.loads((run_dir / "pretrain.json").read_text())["metrics"]
+
+
+def test_checkpoint_the_weights_only_loader_refuses_is_moved_aside_and_pretraining_restarts(tmp_path, world):
+    """An unloadable last.ckpt (objects pickled by an earlier version) is kept beside, not resumed or deleted."""
+    recipe = PretrainRecipe(steps=2, batch_size=16, num_workers=0, warmup_steps=1)
+    model = {"embed_dim": 32, "image_width": 8, "text_width": 32, "text_layers": 1, "text_heads": 2}
+    last = tmp_path / "world_clip" / pretrain_module.pretrain_key(world, model, recipe) / "checkpoints" / "last.ckpt"
+    last.parent.mkdir(parents=True)
+    old_hparams = {"eval_sets": [EvalSet("id", "m.csv", "c.txt")]}  # as checkpoints before plain-dict eval sets
+    torch.save({"global_step": 1, "datamodule_hyper_parameters": old_hparams}, last)
+    with pytest.warns(UserWarning, match="cannot be loaded weights-only.*restarts from step 0"):
+        weights = pretrain_world_clip(world, model, recipe, cache_dir=tmp_path)
+    assert weights.is_file()
+    stale = last.with_name("last.ckpt.unloadable")
+    assert torch.load(stale, weights_only=False)["global_step"] == 1  # the old file, intact
+    assert torch.load(last, weights_only=True)["global_step"] == 2  # the new run's own checkpoint

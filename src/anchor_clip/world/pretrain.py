@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +66,25 @@ def world_eval_sets(world: World, names: tuple[str, ...] | None = None) -> list[
     ]
 
 
+def _resumable(last: Path) -> Path | None:
+    """`last` if resuming can load it, else None, with an unloadable file moved aside (never deleted).
+
+    Resuming loads checkpoints weights-only; one written by an earlier anchor_clip that pickled objects
+    (its evaluation sets) is refused, and would otherwise stop every later run of the same recipe.
+    """
+    if not last.is_file():
+        return None
+    try:
+        torch.load(last, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        stale = last.with_name(last.name + ".unloadable")
+        os.replace(last, stale)
+        warnings.warn(f"{last} cannot be loaded weights-only ({str(err).splitlines()[0]}); moved to {stale}, "
+                      "pretraining restarts from step 0", stacklevel=3)
+        return None
+    return last
+
+
 def pretrain_key(world: World, model_config: dict[str, Any] | None, recipe: PretrainRecipe) -> str:
     payload = {"version": PRETRAIN_VERSION, "world": world.config.key, "model": model_config or {},
                "recipe": asdict(recipe)}
@@ -101,8 +122,8 @@ def pretrain_world_clip(world: World, model_config: dict[str, Any] | None = None
                         logger=CSVLogger(run_dir, name="logs"), val_check_interval=recipe.steps,
                         check_val_every_n_epoch=None, num_sanity_val_steps=0, enable_model_summary=False,
                         log_every_n_steps=25)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    trainer.fit(module, data, ckpt_path=str(last) if last.is_file() else None)
+    last = _resumable(run_dir / "checkpoints" / "last.ckpt")
+    trainer.fit(module, data, ckpt_path=None if last is None else str(last))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     summary = {"recipe": asdict(recipe), "model_config": model_config, "world": world.config.key, "metrics": metrics}
     write_atomic(run_dir / "pretrain.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)))
