@@ -16,6 +16,9 @@ TINY_OPEN_CLIP = {
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 4, "layers": 2},
 }
 
+# The world CLIP at its smallest: a width-8 conv tower and a 1-layer text tower, pretrained in seconds.
+TINY_WORLD_CLIP = {"embed_dim": 32, "image_width": 8, "text_width": 32, "text_layers": 1, "text_heads": 2}
+
 CLASSES = ["red square", "green circle", "blue line", "yellow dot"]
 COLOURS = [(220, 30, 30), (30, 200, 60), (40, 60, 220), (230, 210, 40)]
 

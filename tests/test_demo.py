@@ -26,8 +26,8 @@ from anchor_clip.world.demo import (
 )
 from anchor_clip.world.generate import WorldConfig
 from anchor_clip.world.pretrain import PretrainRecipe
+from tests.conftest import TINY_WORLD_CLIP
 
-TINY_WORLD_CLIP = {"embed_dim": 32, "image_width": 8, "text_width": 32, "text_layers": 1, "text_heads": 2}
 METHODS = {"zeroshot", "lp", "ft", "lp_ft", "flyp", "arf_caption", "arf_retrieval", "arf", "replay", "oracle_caption",
            "wise_flyp_0.5"}
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))

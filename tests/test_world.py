@@ -35,6 +35,7 @@ from anchor_clip.world.captions import MENTION_PROB, SIZE_WORDS, STYLE_NOUNS, pl
 from anchor_clip.world.pretrain import PretrainRecipe, pretrain_world_clip
 from anchor_clip.world.render import silhouette
 from anchor_clip.world.scene import COLOURS
+from tests.conftest import TINY_WORLD_CLIP
 
 SMALL = WorldConfig(num_classes=8, finetune_classes=4, pool_size=96, finetune_per_class=6, eval_per_class=4)
 
@@ -322,7 +323,7 @@ def test_context_bias_changes_only_the_finetune_and_id_images(tmp_path):
 def test_killed_pretraining_resumes_from_its_last_checkpoint(tmp_path, world, monkeypatch):
     """A run killed mid-way trains only the steps after its last checkpoint on the next call."""
     recipe = PretrainRecipe(steps=4, batch_size=16, num_workers=0, warmup_steps=1)
-    model = {"embed_dim": 32, "image_width": 8, "text_width": 32, "text_layers": 1, "text_heads": 2}
+    model = TINY_WORLD_CLIP
     monkeypatch.setattr(pretrain_module, "CHECKPOINT_EVERY", 2)
     real_step = AnchorFinetuneModule.training_step
     steps = []
@@ -351,7 +352,7 @@ def test_killed_pretraining_resumes_from_its_last_checkpoint(tmp_path, world, mo
 def test_checkpoint_the_weights_only_loader_refuses_is_moved_aside_and_pretraining_restarts(tmp_path, world):
     """An unloadable last.ckpt (objects pickled by an earlier version) is kept beside, not resumed or deleted."""
     recipe = PretrainRecipe(steps=2, batch_size=16, num_workers=0, warmup_steps=1)
-    model = {"embed_dim": 32, "image_width": 8, "text_width": 32, "text_layers": 1, "text_heads": 2}
+    model = TINY_WORLD_CLIP
     last = tmp_path / "world_clip" / pretrain_module.pretrain_key(world, model, recipe) / "checkpoints" / "last.ckpt"
     last.parent.mkdir(parents=True)
     old_hparams = {"eval_sets": [EvalSet("id", "m.csv", "c.txt")]}  # as checkpoints before plain-dict eval sets
