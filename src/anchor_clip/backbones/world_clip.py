@@ -259,6 +259,9 @@ class WorldImageTransform:
         self.size, self.shift = size, shift
         self.mean = torch.tensor(mean).view(3, 1, 1)
         self.std = torch.tensor(std).view(3, 1, 1)
+        # source row/column of each reflect-padded one: cropping through it never builds the padded image
+        padded = np.abs(np.arange(size + 2 * shift) - shift)
+        self._reflect = np.where(padded > size - 1, 2 * (size - 1) - padded, padded)
 
     def __call__(self, image: Image.Image) -> Tensor:
         image = _rgb(image)
@@ -266,9 +269,9 @@ class WorldImageTransform:
             image = TF.center_crop(TF.resize(image, self.size), self.size)
         pixels = np.array(image)
         if self.shift:
-            s, size = self.shift, self.size
-            top, left = (int(torch.randint(0, 2 * s + 1, (1,))) for _ in range(2))  # RandomCrop's draws
-            pixels = np.pad(pixels, ((s, s), (s, s), (0, 0)), mode="reflect")[top : top + size, left : left + size]
+            size = self.size
+            top, left = (int(torch.randint(0, 2 * self.shift + 1, (1,))) for _ in range(2))  # RandomCrop's draws
+            pixels = pixels.take(self._reflect[top : top + size], 0).take(self._reflect[left : left + size], 1)
         tensor = torch.from_numpy(pixels).permute(2, 0, 1).contiguous().float()
         return tensor.div_(255).sub_(self.mean).div_(self.std)
 
