@@ -31,3 +31,23 @@ def test_unrelated_features_have_low_cka():
 def test_drift_needs_the_same_images():
     with pytest.raises(ValueError, match="same images"):
         feature_drift(_features(0, n=4), _features(0, n=5))
+
+
+def test_recorder_keeps_the_features_validation_computed_for_every_image_in_order(tiny_data):
+    import lightning as L
+
+    from anchor_clip.eval.drift import FeatureRecorder
+    from tests.test_data import make_datamodule
+    from tests.test_module import make_module
+
+    data, module = make_datamodule(tiny_data, eval_batch_size=5), make_module()
+    recorder = FeatureRecorder()
+    L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              callbacks=[recorder]).validate(module, data, verbose=False)
+    recorded = recorder.features()
+    assert sorted(recorded) == ["id", "zs"]
+    for spec, dataset in zip(data.eval_specs, data.evals, strict=True):
+        images = torch.stack([dataset[i]["images"] for i in range(len(dataset))])
+        with torch.no_grad():
+            expected = module.backbone.encode_image(images)
+        torch.testing.assert_close(recorded[spec.name], expected, atol=1e-5, rtol=1e-4)

@@ -269,24 +269,28 @@ class AnchorFinetuneModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self.build_heads()
 
-    def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int, stage: str) -> None:
+    def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int, stage: str) -> dict[str, Tensor] | None:
+        """Update the set's accuracy; return the batch's image features for callbacks (e.g. drift)."""
         if "images" not in batch:  # every image of the batch was unreadable (counted by BadDataMonitor)
-            return
+            return None
         spec = self.eval_specs[dataloader_idx]
         name = spec.name
-        logits = self.backbone.encode_image(self._layout(batch["images"])) @ self.heads[name]  # (B, D) @ (D, C_head)
+        features = self.backbone.encode_image(self._layout(batch["images"]))
+        logits = features @ self.heads[name]  # (B, D) @ (D, C_head)
         if spec.project is not None:
             logits = spec.project(logits)  # (B, C_head) -> (B, C_set), e.g. ImageNet-R's 200 classes
         metric = self.accuracy[name]
         metric.update(logits, batch["labels"])
         self.log(f"{stage}/{name}/acc", metric, on_epoch=True, add_dataloader_idx=False,
                  batch_size=len(logits))
+        return {"features": features}
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx, "val")
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int,
+                        dataloader_idx: int = 0) -> dict[str, Tensor] | None:
+        return self._eval_step(batch, dataloader_idx, "val")
 
-    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        self._eval_step(batch, dataloader_idx, "test")
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor] | None:
+        return self._eval_step(batch, dataloader_idx, "test")
 
 
 def check_hyperparameters(caption_weight: float, retrieved_weight: float, caption_fraction: float, lr: float,

@@ -6,20 +6,32 @@ finetune data says nothing (other styles, unseen classes). These measures make t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections import defaultdict
+from typing import Any
 
+import lightning as L
 import torch
 from torch import Tensor
 
-from anchor_clip.backbones.base import ClipBackbone
 
+class FeatureRecorder(L.Callback):
+    """Keeps the image features every validation batch produced, per evaluation set, in loader order.
 
-@torch.no_grad()
-def image_features(backbone: ClipBackbone, batches: Iterable[dict[str, Tensor]]) -> Tensor:
-    """(N, D) normalized features of every image the batches hold, in order."""
-    backbone.eval()
-    device = backbone.log_logit_scale.device
-    return torch.cat([backbone.encode_image(b["images"].to(device)).float().cpu() for b in batches])
+    The module's validation step returns them, so a drift measure reuses the evaluation's forward passes
+    instead of encoding every set again. Holds this process's batches only (one process: every image).
+    """
+
+    def __init__(self) -> None:
+        self.batches: dict[str, list[Tensor]] = defaultdict(list)
+
+    def on_validation_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if outputs is not None:
+            self.batches[pl_module.eval_specs[dataloader_idx].name].append(outputs["features"].detach().float().cpu())
+
+    def features(self) -> dict[str, Tensor]:
+        """(N, D) features per set name."""
+        return {name: torch.cat(parts) for name, parts in self.batches.items()}
 
 
 def linear_cka(x: Tensor, y: Tensor) -> float:

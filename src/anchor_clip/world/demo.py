@@ -15,12 +15,13 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pandas as pd
+from torch import Tensor
 
 from anchor_clip.anchors.caption import caption_finetune_set
 from anchor_clip.anchors.captioners import KnnCaptioner
@@ -28,7 +29,7 @@ from anchor_clip.anchors.retrieve import retrieve
 from anchor_clip.baselines import ClassifierFinetuneModule
 from anchor_clip.data import AnchorDataModule
 from anchor_clip.data.tables import read_table, write_atomic, write_table
-from anchor_clip.eval.drift import feature_drift, image_features
+from anchor_clip.eval.drift import FeatureRecorder, feature_drift
 from anchor_clip.eval.tables import to_markdown
 from anchor_clip.module import AnchorFinetuneModule
 from anchor_clip.wise import interpolate
@@ -151,9 +152,11 @@ def _datamodule(world: World, recipe: FinetuneRecipe, weights: Path, model: dict
         decoded_cache_mb=recipe.decoded_cache_mb, backbone="world_clip", backbone_config=model, pretrained=str(weights))
 
 
-def evaluate(module: AnchorFinetuneModule, data: AnchorDataModule) -> dict[str, float]:
-    """Top-1 accuracy (%) of `module` on every evaluation set of `data`."""
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False)
+def evaluate(module: AnchorFinetuneModule, data: AnchorDataModule,
+             recorder: FeatureRecorder | None = None) -> dict[str, float]:
+    """Top-1 accuracy (%) of `module` on every evaluation set of `data` (image features into `recorder`)."""
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
+                        callbacks=[] if recorder is None else [recorder])
     result = trainer.validate(module, data, verbose=False)
     merged = {k: v for r in result for k, v in r.items()}
     return {name.split("/")[1]: 100.0 * value for name, value in merged.items() if name.endswith("/acc")}
@@ -226,16 +229,10 @@ def summarize_curves(curves: pd.DataFrame, world: World) -> pd.DataFrame:
     return pd.concat([curves[["method", "alpha"]], table.reset_index(drop=True)], axis=1)
 
 
-def drift_table(pretrained: AnchorFinetuneModule, finetuned: dict[str, AnchorFinetuneModule],
-                data: AnchorDataModule) -> pd.DataFrame:
-    """Image-feature drift from the pretrained model, per finetuned method and evaluation set."""
-    data.setup("validate")
-    loaders = dict(zip([s.name for s in data.eval_specs], data.val_dataloader(), strict=True))
-    reference = {name: image_features(pretrained.backbone, loader) for name, loader in loaders.items()}
-    return pd.DataFrame([
-        {"method": method, "set": name, **feature_drift(reference[name], image_features(module.backbone, loader))}
-        for method, module in finetuned.items() for name, loader in loaders.items()
-    ])
+def drift_table(reference: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]]) -> pd.DataFrame:
+    """Image-feature drift from the pretrained model's features, per finetuned method and evaluation set."""
+    return pd.DataFrame([{"method": method, "set": name, **feature_drift(reference[name], features[name])}
+                         for method, features in finetuned.items() for name in reference])
 
 
 def summarize(results: dict[str, dict[str, float]], world: World) -> pd.DataFrame:
@@ -321,24 +318,28 @@ def run_demo(config: DemoConfig, out: str | Path) -> pd.DataFrame:
     world, weights, anchors = prepare(config, timings)
 
     model = finetune_config(config.model)
-    eval_data = _datamodule(world, config.finetune, weights, model)
+    # evaluation in the main process: a few thousand decoded 32 px images cost less than starting workers
+    eval_data = _datamodule(world, replace(config.finetune, num_workers=0), weights, model)
     pretrained = AnchorFinetuneModule(backbone="world_clip", pretrained=str(weights), backbone_config=model)
-    results = {"zeroshot": evaluate(pretrained, eval_data)}
+    recorders = {"zeroshot": FeatureRecorder()}
+    results = {"zeroshot": evaluate(pretrained, eval_data, recorders["zeroshot"])}
     modules = {}
     for name, kwargs in methods(anchors, world, config.oracle, config.baselines).items():
         start = time.perf_counter()
         modules[name] = finetune(world, weights, config.finetune, out / "runs" / name, config.seed, config.model,
                                  **kwargs)
         timings[f"{name}_s"] = time.perf_counter() - start
-        results[name] = evaluate(modules[name], eval_data)
+        recorders[name] = FeatureRecorder()
+        results[name] = evaluate(modules[name], eval_data, recorders[name])
         log.info("%s: %s", name, results[name])
+    features = {name: recorder.features() for name, recorder in recorders.items()}
 
     curves = wise_curves(pretrained, {m: modules[m] for m in ("flyp", "arf")}, eval_data, config.wise_alphas, results)
     results["wise_flyp_0.5"] = curves.set_index(["method", "alpha"]).loc[("flyp", 0.5)].to_dict()
 
     table = summarize(results, world)
     write_table(summarize_curves(curves, world), out / "wise.csv")
-    write_table(drift_table(pretrained, modules, eval_data), out / "drift.csv")
+    write_table(drift_table(features.pop("zeroshot"), features), out / "drift.csv")
     write_table(table.reset_index(), out / "results.csv")
     write_atomic(out / "results.md", lambda tmp: Path(tmp).write_text(to_markdown(table)))
     plot(table, out / "id_vs_ood.png")
