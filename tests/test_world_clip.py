@@ -160,6 +160,22 @@ def test_saved_state_dict_reproduces_encodings_exactly(tmp_path):
         assert torch.equal(loaded.encode_text(tokens), backbone.encode_text(tokens))
 
 
+def test_conv_weights_stay_channels_last_when_loading_weights_saved_in_the_default_layout(tmp_path):
+    backbone = _tiny()
+    contiguous = {k: v.contiguous() for k, v in backbone.state_dict().items()}  # as an older checkpoint holds them
+    path = tmp_path / "world_clip.pt"
+    torch.save(contiguous, path)
+    loaded = WorldClipBackbone.from_spec(None, pretrained=str(path), config=TINY).eval()
+    convs = [m.weight for m in loaded.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous() for w in convs)
+    reference = _tiny()
+    reference.load_state_dict(contiguous)
+    reference.model.visual.to(memory_format=torch.contiguous_format)
+    images, _ = _batch(backbone)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), reference.encode_image(images), atol=1e-5, rtol=1e-4)
+
+
 def test_lightning_checkpoint_with_backbone_prefix_reproduces_encodings_exactly(tmp_path):
     backbone = _tiny()
     state = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
