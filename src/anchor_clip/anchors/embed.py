@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from anchor_clip.backbones.base import BackboneIO, ClipBackbone
 from anchor_clip.backbones.registry import create_backbone
-from anchor_clip.data.tables import read_table, write_atomic, write_json, write_table
+from anchor_clip.data.tables import read_table, resolve_paths, write_atomic, write_json, write_table
 
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -100,7 +100,7 @@ def read_manifest_pool(path: str | os.PathLike) -> pd.DataFrame:
     if table.empty:
         raise ValueError(f"pool manifest {path} has no rows; an empty pool cannot be retrieved from")
     table = table.copy()
-    table["filepath"] = [str((path.parent / p).resolve()) for p in table["filepath"]]
+    table["filepath"] = resolve_paths(table, path)
     table["caption"] = table["caption"].astype(str)
     return table
 

@@ -28,7 +28,7 @@ from anchor_clip.anchors.captioners import KnnCaptioner
 from anchor_clip.anchors.retrieve import retrieve
 from anchor_clip.baselines import ClassifierFinetuneModule
 from anchor_clip.data import AnchorDataModule
-from anchor_clip.data.tables import read_table, write_atomic, write_table
+from anchor_clip.data.tables import read_table, resolve_paths, write_atomic, write_table
 from anchor_clip.eval.drift import FeatureRecorder, feature_drift
 from anchor_clip.eval.tables import to_markdown
 from anchor_clip.module import AnchorFinetuneModule
@@ -108,7 +108,7 @@ def build_anchors(world: World, weights: Path, model: dict | None, recipe: Ancho
     if not replay.is_file():
         pool = read_table(world.pool, required=("filepath", "caption"), what="world pool")
         sample = pool.sample(n=len(read_table(retrieved)), random_state=0)
-        sample["filepath"] = [str((world.pool.parent / p).resolve()) for p in sample["filepath"]]
+        sample["filepath"] = resolve_paths(sample, world.pool)
         write_table(sample, replay)
 
     # The kNN captioner searches the pool embeddings the retrieval job already made.
