@@ -18,23 +18,25 @@ import pandas as pd
 from anchor_clip.data.tables import read_table, write_atomic, write_table
 from anchor_clip.world.demo import DemoConfig, FinetuneRecipe, run_demo
 from anchor_clip.world.generate import WorldConfig
+from anchor_clip.world.pretrain import PretrainRecipe
 
 COLUMNS = ["id", "shift_avg", "zeroshot", "ood_avg"]
 
 
 def run_seeds(seeds: list[int], out: Path, context_bias: float = WorldConfig.finetune_context_bias,
-              finetune: FinetuneRecipe | None = None) -> pd.DataFrame:
+              finetune: FinetuneRecipe | None = None, pretrain: PretrainRecipe | None = None) -> pd.DataFrame:
     """Per-seed demo tables stacked, with a `seed` column (runs the seeds that have no results yet).
 
-    `context_bias` is each world's `WorldConfig.finetune_context_bias`; `finetune` the recipe of every method.
+    `context_bias` is each world's `WorldConfig.finetune_context_bias`; `finetune` the recipe of every method,
+    `pretrain` the world CLIP's.
     """
-    finetune = finetune or FinetuneRecipe()
+    finetune, pretrain = finetune or FinetuneRecipe(), pretrain or PretrainRecipe()
     frames = []
     for seed in seeds:
         seed_dir = out / f"seed_{seed}"
         if not (seed_dir / "results.csv").is_file():
             world = WorldConfig(seed=seed, finetune_context_bias=context_bias)
-            run_demo(DemoConfig(world=world, seed=seed, finetune=finetune), seed_dir)
+            run_demo(DemoConfig(world=world, seed=seed, finetune=finetune, pretrain=pretrain), seed_dir)
         frames.append(read_table(seed_dir / "results.csv", required=["method", *COLUMNS]).assign(seed=seed))
     return pd.concat(frames, ignore_index=True)
 
@@ -94,11 +96,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="λ_retrieved (also the replay control's)")
     parser.add_argument("--retrieved-batch-size", type=int, default=FinetuneRecipe.retrieved_batch_size,
                         help="retrieved (and replay) pairs per step; default: the finetune batch size")
+    parser.add_argument("--pretrain-steps", type=int, default=PretrainRecipe.steps,
+                        help="world-CLIP pretraining steps (each value is its own cache entry)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     recipe = FinetuneRecipe(caption_weight=args.caption_weight, retrieved_weight=args.retrieved_weight,
                             retrieved_batch_size=args.retrieved_batch_size)
-    runs = run_seeds(args.seeds, args.out, args.context_bias, recipe)
+    runs = run_seeds(args.seeds, args.out, args.context_bias, recipe, PretrainRecipe(steps=args.pretrain_steps))
     summary, checks = mean_std(runs), targets(runs)
     write_table(runs, args.out / "runs.csv")
     write_table(summary.reset_index(), args.out / "summary.csv")

@@ -5,7 +5,8 @@ import math
 import pandas as pd
 import pytest
 
-from experiments.world_seeds import mean_std, recovery, run_seeds, targets
+import experiments.world_seeds as world_seeds
+from experiments.world_seeds import main, mean_std, recovery, run_seeds, targets
 
 
 def _runs() -> pd.DataFrame:
@@ -53,6 +54,22 @@ def test_finished_seeds_are_read_not_rerun(tmp_path):
     runs = run_seeds([0, 1], tmp_path)  # would take an hour if it ran the demo
     assert sorted(runs["seed"].unique()) == [0, 1]
     assert len(runs) == 14
+
+
+def test_the_sweeps_flags_reach_every_seeds_demo(tmp_path, monkeypatch):
+    configs = []
+
+    def fake_demo(config, out):  # records the config and writes what a finished demo leaves
+        configs.append(config)
+        out.mkdir(parents=True)
+        _runs().query("seed == 0").drop(columns="seed").to_csv(out / "results.csv", index=False)
+
+    monkeypatch.setattr(world_seeds, "run_demo", fake_demo)
+    main(["--seeds", "3", "4", "--out", str(tmp_path), "--pretrain-steps", "4800", "--caption-weight", "0.5"])
+    assert [(c.world.seed, c.seed) for c in configs] == [(3, 3), (4, 4)]
+    assert {c.pretrain.steps for c in configs} == {4800}
+    assert {c.finetune.caption_weight for c in configs} == {0.5}
+    assert (tmp_path / "summary.md").read_text().startswith("seeds [3, 4]")
 
 
 def test_methods_missing_on_some_seed_are_left_out_of_the_means():
