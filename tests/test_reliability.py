@@ -301,6 +301,20 @@ def test_item_seed_fixes_prompt_template_and_augmentation(tiny_data):
     assert len(texts) > 1  # the seed does draw
 
 
+def test_batched_read_equals_item_reads_and_leaves_the_global_rng_alone(tiny_data):
+    dm = make_datamodule(tiny_data, templates=[f"{i} {{c}}" for i in range(10)], decoded_cache_mb=64)
+    dm.setup("fit")
+    guarded = GuardedItems(dm.streams["finetune"], substitute=True)
+    keys = [(i, 1000 + i) for i in range(8)]
+    torch.manual_seed(7)
+    state = torch.random.get_rng_state()
+    batch = guarded.__getitems__(keys)  # what the DataLoader calls
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for key, item in zip(keys, batch, strict=True):
+        alone = guarded[key]
+        assert item["texts"] == alone["texts"] and torch.equal(item["images"], alone["images"])
+
+
 # -- 4. divergence ----------------------------------------------------------------------------------------------
 class PoisonImages(L.Callback):
     """Sets one stream's images to NaN at the given steps: its loss term becomes NaN."""

@@ -265,6 +265,35 @@ def test_transforms_give_torchvisions_tensors_from_the_same_random_draws(mode: s
         assert got.is_contiguous()
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_decoded_uint8_arrays_give_the_tensors_of_their_pil_images(train: bool):
+    io = WorldClipBackbone.io_from_spec(None, config=TINY)
+    transform = io.train_transform if train else io.eval_transform
+    assert transform.takes_arrays
+    pixels = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    before = pixels.copy()
+    for seed in range(5):
+        torch.manual_seed(seed)
+        from_array = transform(pixels)
+        torch.manual_seed(seed)
+        assert torch.equal(from_array, transform(Image.fromarray(pixels)))
+    assert np.array_equal(pixels, before)  # the shared decoded array is only read
+    other = np.random.default_rng(2).integers(0, 256, (48, 48, 3), dtype=np.uint8)  # another size: resized
+    torch.manual_seed(0)
+    from_array = transform(other)
+    torch.manual_seed(0)
+    assert torch.equal(from_array, transform(Image.fromarray(other)))
+
+
+def test_tokenizer_batch_equals_each_text_alone():
+    tokenizer = WordTokenizer(vocabulary(), context_length=8)
+    texts = ["a photo of a star.", "", "a red star on the left of a blue moon in a sketch"]
+    batch = tokenizer(texts)
+    assert batch.shape == (3, 8) and batch.dtype == torch.long
+    assert all(torch.equal(batch[i : i + 1], tokenizer(text)) for i, text in enumerate(texts))
+    assert tokenizer([]).shape == (0, 8)
+
+
 def test_train_transform_never_mirrors_left_and_right():
     io = WorldClipBackbone.io_from_spec(None, config=TINY)
     pixels = np.zeros((32, 32, 3), dtype=np.uint8)

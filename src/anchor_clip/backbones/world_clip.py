@@ -101,11 +101,12 @@ class WordTokenizer:
         """B strings -> (B, context_length) long tensor (a single string counts as B = 1)."""
         if isinstance(texts, str):
             texts = [texts]
-        out = torch.full((len(texts), self.context_length), self.PAD, dtype=torch.long)
-        for row, text in enumerate(texts):
+        rows = []
+        for text in texts:
             ids = [self.SOT, *self.encode(text)[: self.context_length - 2], self.EOT]
-            out[row, : len(ids)] = torch.tensor(ids)
-        return out
+            rows.append(ids + [self.PAD] * (self.context_length - len(ids)))
+        # one tensor from padded lists: a tensor per text would cost more than the encoding
+        return torch.tensor(rows, dtype=torch.long).view(len(rows), self.context_length)
 
     def decode(self, ids: Tensor | Sequence[int]) -> str:
         """Token ids of one text -> its words joined by spaces (specials dropped, UNK kept as <unk>)."""
@@ -255,6 +256,8 @@ class WorldImageTransform:
     No flip or colour jitter: a mirror would make "on the left" captions false, jitter the colour words.
     """
 
+    takes_arrays = True  # decoded streams pass (H, W, 3) uint8 arrays (see `ImageFiles.image`)
+
     def __init__(self, size: int, mean: Sequence[float], std: Sequence[float], shift: int = 0) -> None:
         self.size, self.shift = size, shift
         self.mean = torch.tensor(mean).view(3, 1, 1)
@@ -263,11 +266,14 @@ class WorldImageTransform:
         padded = np.abs(np.arange(size + 2 * shift) - shift)
         self._reflect = np.where(padded > size - 1, 2 * (size - 1) - padded, padded)
 
-    def __call__(self, image: Image.Image) -> Tensor:
-        image = _rgb(image)
-        if image.size != (self.size, self.size):  # world images already have the model's size
-            image = TF.center_crop(TF.resize(image, self.size), self.size)
-        pixels = np.array(image)
+    def __call__(self, image: Image.Image | np.ndarray) -> Tensor:
+        if isinstance(image, np.ndarray) and image.shape == (self.size, self.size, 3) and image.dtype == np.uint8:
+            pixels = image  # read only: the crop and the conversion below copy it
+        else:
+            image = _rgb(image if isinstance(image, Image.Image) else Image.fromarray(image))
+            if image.size != (self.size, self.size):  # world images already have the model's size
+                image = TF.center_crop(TF.resize(image, self.size), self.size)
+            pixels = np.array(image)
         if self.shift:
             size = self.size
             top, left = (int(torch.randint(0, 2 * self.shift + 1, (1,))) for _ in range(2))  # RandomCrop's draws

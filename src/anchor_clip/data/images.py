@@ -97,24 +97,34 @@ class DecodedImages:
             pixels[index] = image
         return None if pixels is None else cls(pixels, unreadable)
 
-    def __getitem__(self, index: int) -> Image.Image:
+    def __getitem__(self, index: int) -> np.ndarray:
+        """The (H, W, 3) uint8 pixels of one image: a view into the shared array, not a copy."""
         if index in self.unreadable:
             raise self.unreadable[index]
-        return Image.fromarray(self.pixels[index])
+        return self.pixels[index]
 
 
 class ImageFiles(Dataset):
     """A dataset of image files (`self.paths`) that can be decoded into memory once (`decode_once`)."""
 
     paths: list[str]
+    transform: ImageTransform
     _decoded: DecodedImages | None = None
 
     def decode_once(self, max_mb: float, what: str) -> None:
         """Keep every image decoded in memory if they share a size and fit in `max_mb` (else warn, read files)."""
         self._decoded = DecodedImages.decode(self.paths, max_mb, what)
 
-    def image(self, index: int) -> Image.Image:
-        return read_image(self.paths[index]) if self._decoded is None else self._decoded[index]
+    def image(self, index: int) -> Image.Image | np.ndarray:
+        """The image at `index` as `self.transform` takes it: a PIL image, or the decoded uint8 array itself.
+
+        A transform with a true `takes_arrays` attribute gets decoded images as arrays: at 32 px, wrapping the
+        pixels in a PIL image and reading them back costs as much as the transform.
+        """
+        if self._decoded is None:
+            return read_image(self.paths[index])
+        pixels = self._decoded[index]
+        return pixels if getattr(self.transform, "takes_arrays", False) else Image.fromarray(pixels)
 
 
 class LabelledImages(ImageFiles):

@@ -88,6 +88,17 @@ class GuardedItems(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        # Only the CPU generator: transforms and template draws use it, and the loader's RNG must stay untouched.
+        with torch.random.fork_rng(devices=[]):
+            return self._item(key)
+
+    def __getitems__(self, keys: Sequence[int | tuple[int, int]]) -> list[dict]:
+        """A batch's items, as `__getitem__` reads each, under one saved RNG state (saving it per item costs
+        as much as reading a small decoded image)."""
+        with torch.random.fork_rng(devices=[]):
+            return [self._item(key) for key in keys]
+
+    def _item(self, key: int | tuple[int, int]) -> dict:
         index, seed = key if isinstance(key, tuple) else (key, None)
         skipped: list[str] = []
         for offset in range(self.max_tries if self.substitute else 1):
@@ -104,9 +115,6 @@ class GuardedItems(Dataset):
                          f"{skipped[:3]}); the stream is mostly broken: check the image files")
 
     def _read(self, index: int, seed: int | None) -> dict:
-        if seed is None:
-            return self.dataset[index]
-        # Only the CPU generator: transforms and template draws use it, and the loader's RNG must stay untouched.
-        with torch.random.fork_rng(devices=[]):
+        if seed is not None:
             torch.random.default_generator.manual_seed(seed)
-            return self.dataset[index]
+        return self.dataset[index]
