@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/seeds"))
     parser.add_argument("--context-bias", type=float, default=WorldConfig.finetune_context_bias,
                         help="WorldConfig.finetune_context_bias")
+    parser.add_argument("--steps", type=int, default=FinetuneRecipe.steps, help="finetune steps per method")
     parser.add_argument("--caption-weight", type=float, default=FinetuneRecipe.caption_weight, help="λ_caption")
     parser.add_argument("--retrieved-weight", type=float, default=FinetuneRecipe.retrieved_weight,
                         help="λ_retrieved (also the replay control's)")
@@ -100,8 +101,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="world-CLIP pretraining steps (each value is its own cache entry)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    recipe = FinetuneRecipe(caption_weight=args.caption_weight, retrieved_weight=args.retrieved_weight,
-                            retrieved_batch_size=args.retrieved_batch_size)
+    recipe = FinetuneRecipe(steps=args.steps, caption_weight=args.caption_weight,
+                            retrieved_weight=args.retrieved_weight, retrieved_batch_size=args.retrieved_batch_size)
     runs = run_seeds(args.seeds, args.out, args.context_bias, recipe, PretrainRecipe(steps=args.pretrain_steps))
     summary, checks = mean_std(runs), targets(runs)
     write_table(runs, args.out / "runs.csv")
