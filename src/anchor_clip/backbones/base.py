@@ -21,7 +21,8 @@ ImageTransform = Callable[..., Tensor]
 class BackboneIO:
     """What the data side needs from a backbone, available without loading weights.
 
-    Built by `registry.create_io`, so DataLoader workers can tokenize and transform without a model.
+    Built by `registry.create_io`, so DataLoader workers can tokenize and transform without a model. A transform
+    with a true `takes_arrays` attribute is also given decoded images as (H, W, 3) uint8 arrays (`ImageFiles.image`).
     """
 
     train_transform: ImageTransform  # PIL image -> (3, H, W) float tensor, with augmentation
