@@ -52,8 +52,8 @@ class FinetuneRecipe:
     lr: float = 2e-3  # on worlds 0 and 1, FLYP loses 1-4 more points on the style shifts than at 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 20
-    # λ of the anchor streams (replay uses λ_retrieved). 3 worlds at 0.25 / 0.5: ARF's ID gap +0.03, recovery
-    # 178 % / 115 %; at 1 / 1 (on another machine) -1.35, and kNN captions cost 1.8 OOD next to retrieval alone.
+    # λ of the anchor streams (replay uses λ_retrieved). 3 worlds at 600 steps, 0.25 / 0.5: ARF's ID gap +0.03,
+    # recovery 178 % / 115 %; at 1 / 1 (on another machine) -1.35, and kNN captions cost 1.8 OOD next to retrieval.
     caption_weight: float = 0.25
     retrieved_weight: float = 0.5
     num_workers: int = 2
