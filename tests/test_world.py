@@ -320,6 +320,13 @@ def test_context_bias_changes_only_the_finetune_and_id_images(tmp_path):
         replace(SMALL, finetune_context_bias=1.5)
 
 
+def test_pretrain_cache_key_ignores_the_worker_count_but_not_the_recipe(world):
+    recipe = PretrainRecipe(steps=4, batch_size=16, num_workers=0)
+    key = pretrain_module.pretrain_key(world, TINY_WORLD_CLIP, recipe)
+    assert pretrain_module.pretrain_key(world, TINY_WORLD_CLIP, replace(recipe, num_workers=2)) == key
+    assert pretrain_module.pretrain_key(world, TINY_WORLD_CLIP, replace(recipe, steps=5)) != key
+
+
 def test_killed_pretraining_resumes_from_its_last_checkpoint(tmp_path, world, monkeypatch):
     """A run killed mid-way trains only the steps after its last checkpoint on the next call."""
     recipe = PretrainRecipe(steps=4, batch_size=16, num_workers=0, warmup_steps=1)
