@@ -1,14 +1,19 @@
 """Caption wording and the closed vocabulary of the world.
 
-Captions play the part of web alt-text: every one names the class, count and style and, often, colour,
-size, position and background (see `MENTION_PROB`); the wording varies (synonyms, word order, six sentence
-templates), so a text tower has to learn what the words mean rather than where they sit. `vocabulary()`
-lists every word a caption or a class prompt can contain; the world's text tower tokenizes at word level.
+Two corpora word their images differently, as WIT (CLIP's pretraining data) and CC3M (ARF's retrieval pool)
+do. `describe` is the pretraining corpus's alt-text: every caption names the class, count and style and,
+often, colour, size, position and background (see `MENTION_PROB`); the wording varies (synonyms, word order,
+six sentence templates), so a text tower has to learn what the words mean rather than where they sit.
+`describe_web` is the pool's: the style often unsaid, the class often replaced by its hypernym
+("an animal"), some captions only partial ("a sketch on a dotted green background") and some wrong.
+`vocabulary()` lists every word a caption or a class prompt can contain; the world's text tower tokenizes
+at word level.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -19,7 +24,24 @@ from anchor_clip.world.shapes import SHAPE_NAMES
 CLASS_PROMPT = "a photo of a {c}."
 STYLE_PROMPT = "a {style} of a {c}."
 
-_IRREGULAR_PLURALS = {"fish": "fish", "leaf": "leaves", "cactus": "cacti", "snowman": "snowmen"}
+_IRREGULAR_PLURALS = {"fish": "fish", "leaf": "leaves", "cactus": "cacti", "snowman": "snowmen",
+                      "furniture": "furniture", "clothing": "clothing"}
+
+#: The word a web caption may use instead of the class name, as alt-text says "a dog" for a beagle.
+HYPERNYMS: dict[str, str] = {
+    **dict.fromkeys(("circle", "square", "triangle", "diamond", "semicircle", "hexagon", "pentagon", "octagon",
+                     "trapezoid", "ring", "cross", "star", "heart"), "shape"),
+    **dict.fromkeys(("fish", "cat", "bird"), "animal"),
+    **dict.fromkeys(("tree", "flower", "leaf", "mushroom", "cactus"), "plant"),
+    **dict.fromkeys(("key", "hammer", "pencil", "lock", "ladder", "gear"), "tool"),
+    **dict.fromkeys(("car", "boat", "rocket"), "vehicle"),
+    **dict.fromkeys(("chair", "table"), "furniture"),
+    **dict.fromkeys(("mug", "bottle"), "container"),
+    **dict.fromkeys(("cloud", "drop", "sun", "moon", "bolt"), "symbol"),
+    **dict.fromkeys(("shirt", "crown"), "clothing"),
+    **dict.fromkeys(("house",), "building"),
+}
+DEFAULT_HYPERNYM = "object"  # classes without a closer one (bell, umbrella, balloon, ...)
 
 STYLE_NOUNS: dict[str, tuple[str, ...]] = {
     "photo": ("photo", "close-up photo", "real photo"),
@@ -69,8 +91,22 @@ TEMPLATES = (
     "in this {style}, {objects} {be} {where} {background}.",
     "{a_style} showing {objects} {where} {background}.",
 )
+#: Web captions often leave the style unsaid.
+WEB_TEMPLATES = (
+    "{objects} {where} {background}.",
+    "{a_background} with {objects} {where}.",
+    "{objects} {be} {where} {background}.",
+)
+#: Web captions that never name the object: what a caption says of an image it does not describe well.
+PARTIAL_TEMPLATES = (
+    "{a_style} {background}.",
+    "something {colour} {where}.",
+    "{a_background}.",
+)
 AS_STYLE = ("in {a_style}", "as {a_style}")
-_NEEDS = {TEMPLATES[3]: ("background",), TEMPLATES[4]: ("where",)}  # parts a template cannot do without
+#: Parts a template cannot do without.
+_NEEDS = {TEMPLATES[3]: ("background",), TEMPLATES[4]: ("where",), WEB_TEMPLATES[2]: ("where",),
+          PARTIAL_TEMPLATES[0]: ("background",), PARTIAL_TEMPLATES[1]: ("where",)}
 #: How often a caption mentions each optional attribute. Like alt-text, a caption always names the object,
 #: its count and the style but only sometimes the rest: were every attribute always named, colours, position
 #: and background alone would tell a batch's captions apart, and a CLIP trained on them matches pairs without
@@ -103,13 +139,23 @@ def _pick(rng: np.random.Generator, options: tuple[str, ...] | list[str]) -> str
     return options[int(rng.integers(len(options)))]
 
 
-def describe(scene: Scene, rng: np.random.Generator) -> str:
+def hypernym(shape: str) -> str:
+    return HYPERNYMS.get(shape, DEFAULT_HYPERNYM)
+
+
+def describe(scene: Scene, rng: np.random.Generator, name: str | None = None,
+             templates: tuple[str, ...] = TEMPLATES) -> str:
     """A caption of the scene: a random template, random synonyms, optional attributes per `MENTION_PROB`.
+
+    Args:
+        name: the word for the object (default: the class name).
+        templates: the sentence templates to draw from.
 
     Example: "a pencil sketch of two small red stars in a row at the top on a dotted green background."
     """
     mention = {attribute: rng.random() < p for attribute, p in MENTION_PROB.items()}
-    noun = scene.shape if scene.count == 1 else plural(scene.shape)
+    name = name or scene.shape
+    noun = name if scene.count == 1 else plural(name)
     count = _pick(rng, COUNT_WORDS[scene.count])
     size = _pick(rng, SIZE_WORDS[scene.size])
     described = [word for word, keep in ((size, mention["size"]), (scene.colour, mention["colour"])) if keep]
@@ -129,11 +175,47 @@ def describe(scene: Scene, rng: np.random.Generator) -> str:
         "a_style": _article(style),
         "as_style": _pick(rng, AS_STYLE).format(a_style=_article(style)),
         "be": "is" if scene.count == 1 else "are",
+        "colour": scene.colour,
     }
     # templates whose sentence needs a part that is left out ("... with a star, sketch" needs a background)
-    usable = [t for t in TEMPLATES if all(parts[need] for need in _NEEDS.get(t, ()))]
+    usable = [t for t in templates if all(parts[need] for need in _NEEDS.get(t, ()))] or list(templates)
     caption = _pick(rng, usable).format(**parts)
-    return re.sub(r" +([,.])", r"\1", re.sub(r" {2,}", " ", caption))  # close the gaps of left-out parts
+    return re.sub(r" +([,.])", r"\1", re.sub(r" {2,}", " ", caption)).strip()  # close the gaps of left-out parts
+
+
+@dataclass(frozen=True)
+class WebCaptions:
+    """How the retrieval pool's captions depart from the pretraining corpus's (shares of all pool captions)."""
+
+    wrong: float = 0.1  # describe another concept of the pool: web pairs that do not match
+    partial: float = 0.1  # never name the object (`PARTIAL_TEMPLATES`)
+    hypernym: float = 0.2  # name the object by its hypernym ("a red animal")
+    style: float = 0.5  # of the rest, the share that names the style (the others use `WEB_TEMPLATES`)
+
+    def __post_init__(self) -> None:
+        shares = {"wrong": self.wrong, "partial": self.partial, "hypernym": self.hypernym, "style": self.style}
+        bad = [f"{k}={v}" for k, v in shares.items() if not 0.0 <= v <= 1.0]
+        if bad or self.wrong + self.partial + self.hypernym > 1.0:
+            raise ValueError(f"WebCaptions shares must lie in [0, 1] and wrong + partial + hypernym <= 1; got {shares}")
+
+
+def describe_web(scene: Scene, rng: np.random.Generator, concepts: tuple[str, ...],
+                 noise: WebCaptions = WebCaptions()) -> str:
+    """A retrieval-pool caption: like `describe`, but wrong, partial, hypernym-only or style-less at `noise`'s rates.
+
+    Args:
+        concepts: every class name of the pool; a wrong caption names another one of them.
+    """
+    kind = rng.random()
+    templates = TEMPLATES if rng.random() < noise.style else WEB_TEMPLATES
+    if kind < noise.wrong:
+        other = _pick(rng, [c for c in concepts if c != scene.shape])
+        return describe(replace(scene, shape=other), rng, templates=templates)
+    if kind < noise.wrong + noise.partial:
+        return describe(scene, rng, templates=PARTIAL_TEMPLATES)
+    if kind < noise.wrong + noise.partial + noise.hypernym:
+        return describe(scene, rng, name=hypernym(scene.shape), templates=templates)
+    return describe(scene, rng, templates=templates)
 
 
 def class_prompts(classnames: list[str], style: str | None = None) -> list[str]:
@@ -145,11 +227,31 @@ def class_prompts(classnames: list[str], style: str | None = None) -> list[str]:
 
 def vocabulary() -> list[str]:
     """Every word a caption or class prompt of the world can contain, sorted (the text tower's word list)."""
-    phrases: list[str] = [CLASS_PROMPT, STYLE_PROMPT, *TEMPLATES, *AS_STYLE, *BACKGROUND_PHRASES, "an is are"]
-    phrases += [name for name in SHAPE_NAMES] + [plural(name) for name in SHAPE_NAMES]
+    phrases: list[str] = [CLASS_PROMPT, STYLE_PROMPT, *TEMPLATES, *WEB_TEMPLATES, *PARTIAL_TEMPLATES, *AS_STYLE,
+                          *BACKGROUND_PHRASES, "an is are"]
+    names = [*SHAPE_NAMES, *sorted(set(HYPERNYMS.values())), DEFAULT_HYPERNYM]
+    phrases += names + [plural(name) for name in names]
     phrases += list(STYLES) + list(COLOURS) + list(SIZES) + list(BACKGROUNDS)
     for table in (STYLE_NOUNS, SIZE_WORDS, COUNT_WORDS, BACKGROUND_WORDS, POSITION_WORDS):
         phrases += [option for options in table.values() for option in options]
     # template placeholders ({a_style}, ...) are field names, not words a caption can contain
     text = re.sub(r"\{[a-z_]+\}", " ", " ".join(phrases))
     return sorted(set(words(text)))
+
+
+def attribute_words(caption: str) -> set[str]:
+    """The attribute words a caption uses (colours, sizes, background patterns, positions; not class or style).
+
+    What `attribute_recall` compares: how much of an image's true description a generated caption keeps.
+    """
+    attribute_vocab = set(COLOURS) | {w for table in (SIZE_WORDS, BACKGROUND_WORDS, POSITION_WORDS)
+                                      for options in table.values() for o in options for w in words(o)}
+    attribute_vocab -= {"a", "at", "the", "in", "on", "of", "side", "by"}  # glue words of the position phrases
+    return set(words(caption)) & attribute_vocab
+
+
+def attribute_recall(generated: list[str], oracle: list[str]) -> float:
+    """Mean share of each oracle caption's attribute words that its generated caption also uses."""
+    shares = [len(attribute_words(g) & truth) / len(truth)
+              for g, o in zip(generated, oracle, strict=True) if (truth := attribute_words(o))]
+    return float(np.mean(shares)) if shares else float("nan")

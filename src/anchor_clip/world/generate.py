@@ -8,13 +8,18 @@ Splits (mirroring ARF's setup, with styles standing in for ImageNet's distributi
 
 | file | classes | styles | labels index |
 |---|---|---|---|
-| ``pool.csv`` (image_id, filepath, caption, label, style) | all | all | ``classnames.txt`` |
+| ``pretrain/pretrain.csv`` (image_id, filepath, caption, label, style) | all, even | all, even | ``classnames.txt`` |
+| ``pool.csv`` (image_id, filepath, caption, label, style) | all + pool-only, skewed | all, skewed | ``pool_classnames.txt`` |
 | ``finetune.csv`` (image_id, filepath, label, style) | finetune | finetune style | ``finetune_classnames.txt`` |
 | ``captions_oracle.csv`` (image_id, caption) | the finetune images' true captions (ablation only) | | |
 | ``eval_id.csv`` | finetune | finetune style | ``finetune_classnames.txt`` |
 | ``eval_shift_<style>.csv`` | finetune | each other style | ``finetune_classnames.txt`` |
 | ``eval_zeroshot.csv`` | the other classes | all, balanced | ``zeroshot_classnames.txt`` |
 
+The pretraining corpus plays WIT (CLIP's data) and the pool CC3M (ARF's retrieval pool): two corpora with
+their own class and style mix and caption wording (`captions.describe` vs `captions.describe_web`), the pool
+with concepts no evaluation needs. The corpus is built only when a world CLIP is pretrained
+(`generate_pretraining_corpus`): a user of the shipped CLIP never draws it.
 Every image is its own random draw (seeded by world seed, split and index), so no image appears twice.
 """
 
@@ -35,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anchor_clip.world.captions import describe
+from anchor_clip.world.captions import WebCaptions, describe, describe_web
 from anchor_clip.world.render import render_scene
 from anchor_clip.world.scene import STYLES, home_context, sample_scene
 from anchor_clip.world.shapes import SHAPE_NAMES
@@ -43,10 +48,11 @@ from anchor_clip.world.shapes import SHAPE_NAMES
 log = logging.getLogger(__name__)
 
 #: Bumped whenever drawing, wording or split logic changes, so worlds cached under an old key are not reused.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
 #: Images per worker task; worlds of at most two chunks are drawn in-process.
 CHUNK = 1000
 _SPLIT_CODES = {"classes": 0, "pool": 1, "finetune": 2, "eval_id": 3, "eval_zeroshot": 4}  # seeds the split streams
+_PRETRAIN_CODE = 99  # the pretraining corpus's stream, apart from the shift sets' codes
 
 
 @dataclass(frozen=True)
@@ -54,12 +60,17 @@ class WorldConfig:
     """Everything that decides a world's content; its hash names the world's directory."""
 
     seed: int = 0  # world seed: class split and every image
-    num_classes: int = 40  # the first `num_classes` shapes of the catalogue (up to 52)
+    num_classes: int = 40  # the first `num_classes` shapes of the catalogue: pretraining and evaluation classes
     finetune_classes: int = 20  # classes seen in finetuning; the rest are the zero-shot classes
     styles: tuple[str, ...] = STYLES  # all styles in the pool; the non-finetune ones are the shift sets
     finetune_style: str = "photo"  # the only style in the finetune set and the ID eval set
     image_size: int = 32  # pixels per side
-    pool_size: int = 60000  # pretraining / retrieval pool, balanced over (class, style)
+    pretrain_size: int = 60000  # the world CLIP's pretraining corpus, balanced over (class, style)
+    pool_size: int = 60000  # the retrieval pool, drawn from its own (class, style) mix and worded by `web_captions`
+    pool_extra_classes: int = 12  # concepts (the next shapes of the catalogue) only the pool shows
+    pool_class_skew: float = 0.5  # pool class frequency ~ rank^-skew over a seeded order, like web data's long tail
+    pool_style_weights: tuple[float, ...] = (0.4, 0.15, 0.25, 0.2)  # pool style frequencies, aligned with `styles`
+    web_captions: WebCaptions = field(default_factory=WebCaptions)
     finetune_per_class: int = 200  # finetune images per finetune class
     eval_per_class: int = 100  # images per class in each eval set
     # share of finetune and ID images drawn on their class's home context (`scene.home_context`); the pool and
@@ -69,9 +80,20 @@ class WorldConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "styles", tuple(self.styles))  # YAML and JSON give lists
+        object.__setattr__(self, "pool_style_weights", tuple(self.pool_style_weights))
+        if isinstance(self.web_captions, dict):
+            object.__setattr__(self, "web_captions", WebCaptions(**self.web_captions))
         problems = []
         if not 2 <= self.num_classes <= len(SHAPE_NAMES):
             problems.append(f"num_classes={self.num_classes} must be in [2, {len(SHAPE_NAMES)}]")
+        if not 0 <= self.pool_extra_classes <= len(SHAPE_NAMES) - self.num_classes:
+            problems.append(f"pool_extra_classes={self.pool_extra_classes} must be in "
+                            f"[0, {len(SHAPE_NAMES)} - num_classes] (the catalogue has {len(SHAPE_NAMES)} shapes)")
+        if len(self.pool_style_weights) != len(self.styles) or min(self.pool_style_weights, default=0) <= 0:
+            problems.append(f"pool_style_weights={list(self.pool_style_weights)} must hold one positive weight per "
+                            f"style of styles={list(self.styles)}")
+        if self.pool_class_skew < 0:
+            problems.append(f"pool_class_skew={self.pool_class_skew} must be >= 0")
         if not 1 <= self.finetune_classes < self.num_classes:
             problems.append(
                 f"finetune_classes={self.finetune_classes} must be in [1, num_classes) so zero-shot classes remain"
@@ -83,11 +105,13 @@ class WorldConfig:
             problems.append(f"finetune_style={self.finetune_style!r} must be one of styles={list(self.styles)}")
         if self.image_size < 16:
             problems.append(f"image_size={self.image_size} is too small to draw shapes; use >= 16")
-        if self.pool_size < self.num_classes * len(self.styles):
+        if self.pretrain_size < self.num_classes * len(self.styles):
             problems.append(
-                f"pool_size={self.pool_size} must cover every (class, style) pair, "
+                f"pretrain_size={self.pretrain_size} must cover every (class, style) pair, "
                 f"i.e. be >= num_classes * len(styles) = {self.num_classes * len(self.styles)}"
             )
+        if self.pool_size < 1:
+            problems.append(f"pool_size={self.pool_size} must be >= 1")
         if not 0.0 <= self.finetune_context_bias <= 1.0:
             problems.append(f"finetune_context_bias={self.finetune_context_bias} must be in [0, 1]")
         if self.finetune_per_class < 1 or self.eval_per_class < 1:
@@ -123,8 +147,14 @@ class World:
 
     @property
     def pool(self) -> Path:
-        """Pretraining / retrieval pair manifest (image_id, filepath, caption, label, style)."""
+        """Retrieval pool pair manifest (image_id, filepath, caption, label, style); labels index
+        `pool_classnames_file`."""
         return self.root / "pool.csv"
+
+    @property
+    def pretrain_corpus(self) -> Path:
+        """Pretraining pair manifest, same columns as the pool; built by `generate_pretraining_corpus`."""
+        return self.root / "pretrain" / "pretrain.csv"
 
     @property
     def finetune(self) -> Path:
@@ -139,6 +169,11 @@ class World:
     @property
     def classnames_file(self) -> Path:
         return self.root / "classnames.txt"
+
+    @property
+    def pool_classnames_file(self) -> Path:
+        """The pool's concepts: the world's classes, then the pool-only ones."""
+        return self.root / "pool_classnames.txt"
 
     @property
     def finetune_classnames_file(self) -> Path:
@@ -189,6 +224,7 @@ class _Split:
     styles: list[str]
     labels: list[int]
     context_bias: float = 0.0  # share of its scenes moved onto their class's home context
+    web: bool = False  # worded by `describe_web` (the retrieval pool) instead of `describe`
 
 
 def _balanced(cells: list[tuple[int, str]], n: int, rng: np.random.Generator) -> list[tuple[int, str]]:
@@ -198,11 +234,40 @@ def _balanced(cells: list[tuple[int, str]], n: int, rng: np.random.Generator) ->
     return [chosen[i] for i in rng.permutation(len(chosen))]
 
 
+def pool_concepts(config: WorldConfig) -> tuple[str, ...]:
+    """The pool's class names: the world's classes, then the pool-only concepts."""
+    return SHAPE_NAMES[: config.num_classes + config.pool_extra_classes]
+
+
+def _pool_split(config: WorldConfig) -> _Split:
+    """The retrieval pool: (class, style) drawn from a skewed class mix and the pool's style weights."""
+    concepts = pool_concepts(config)
+    rng = np.random.default_rng([config.seed, _SPLIT_CODES["pool"]])
+    ranks = rng.permutation(len(concepts))
+    class_p = (ranks + 1.0) ** -config.pool_class_skew
+    style_p = np.asarray(config.pool_style_weights, dtype=np.float64)
+    cells = rng.choice(len(concepts) * len(config.styles), size=config.pool_size,
+                       p=(np.outer(class_p / class_p.sum(), style_p / style_p.sum())).ravel())
+    classes, styles = np.divmod(cells, len(config.styles))
+    return _Split(name="pool", code=_SPLIT_CODES["pool"], shapes=[concepts[c] for c in classes],
+                  styles=[config.styles[i] for i in styles], labels=[int(c) for c in classes], web=True)
+
+
+def plan_pretraining(config: WorldConfig) -> _Split:
+    """The pretraining corpus: every world class in every style, evenly, worded by `describe`."""
+    names = SHAPE_NAMES[: config.num_classes]
+    cells = [(c, s) for c in range(config.num_classes) for s in config.styles]
+    draws = _balanced(cells, config.pretrain_size, np.random.default_rng([config.seed, _PRETRAIN_CODE]))
+    return _Split(name="pretrain", code=_PRETRAIN_CODE, shapes=[names[c] for c, _ in draws],
+                  styles=[s for _, s in draws], labels=[c for c, _ in draws])
+
+
 def plan_splits(config: WorldConfig) -> tuple[list[int], list[_Split]]:
     """Choose the finetune classes and every split's (class, style) draws; no pixels yet.
 
     Returns:
-        The global indices of the finetune classes (sorted), and the splits.
+        The global indices of the finetune classes (sorted), and the splits (the pretraining corpus apart:
+        `plan_pretraining`).
     """
     names = SHAPE_NAMES[: config.num_classes]
     class_rng = np.random.default_rng([config.seed, _SPLIT_CODES["classes"]])
@@ -225,8 +290,7 @@ def plan_splits(config: WorldConfig) -> tuple[list[int], list[_Split]]:
 
     ft_cells = [(c, config.finetune_style) for c in ft]
     splits = [
-        split("pool", _SPLIT_CODES["pool"], [(c, s) for c in range(config.num_classes) for s in config.styles],
-              config.pool_size, None),
+        _pool_split(config),
         # only the finetune and ID images carry the context bias: the pool and the OOD sets never do
         split("finetune", _SPLIT_CODES["finetune"], ft_cells, len(ft) * config.finetune_per_class, ft_label,
               config.finetune_context_bias),
@@ -245,10 +309,12 @@ def plan_splits(config: WorldConfig) -> tuple[list[int], list[_Split]]:
 
 
 def _render_chunk(seed: int, code: int, start: int, shapes: list[str], styles: list[str], image_size: int,
-                  image_dir: str, context_bias: float = 0.0) -> list[str]:
+                  image_dir: str, context_bias: float = 0.0, web: WebCaptions | None = None,
+                  concepts: tuple[str, ...] = ()) -> list[str]:
     """Draw, caption and save images `start`, `start + 1`, ... of one split; returns their captions.
 
-    `context_bias` is the share of scenes moved onto their class's home context.
+    `context_bias` is the share of scenes moved onto their class's home context; with `web`, captions are the
+    pool's (`describe_web` over `concepts`).
     """
     captions = []
     for offset, (shape, style) in enumerate(zip(shapes, styles, strict=True)):
@@ -257,7 +323,7 @@ def _render_chunk(seed: int, code: int, start: int, shapes: list[str], styles: l
         scene = sample_scene(rng, shape, style)
         if context_bias > 0 and rng.random() < context_bias:  # no draw without bias: unbiased worlds stay as they were
             scene = home_context(scene)
-        captions.append(describe(scene, rng))
+        captions.append(describe(scene, rng) if web is None else describe_web(scene, rng, concepts, web))
         render_scene(scene, image_size).save(os.path.join(image_dir, f"{index:06d}.png"), format="PNG")
     return captions
 
@@ -279,7 +345,8 @@ def _draw(build_dir: Path, config: WorldConfig, splits: list[_Split], num_worker
             stop = start + CHUNK
             owners.append(split.name)
             tasks.append((config.seed, split.code, start, split.shapes[start:stop], split.styles[start:stop],
-                          config.image_size, str(image_dir), split.context_bias))
+                          config.image_size, str(image_dir), split.context_bias,
+                          config.web_captions if split.web else None, pool_concepts(config)))
     if num_workers > 1 and sum(len(split.shapes) for split in splits) > 2 * CHUNK:
         # fork where the OS has it: workers touch only numpy and PIL (never torch's thread pools, which a forked
         # child must not use), and unlike spawn it works from scripts without a __main__ guard and from stdin
@@ -297,9 +364,9 @@ def _draw(build_dir: Path, config: WorldConfig, splits: list[_Split], num_worker
 def _write_tables(build_dir: Path, split: _Split, captions: list[str]) -> None:
     ids = [f"{split.name}_{i:06d}" for i in range(len(split.shapes))]
     paths = [f"images/{split.name}/{i:06d}.png" for i in range(len(split.shapes))]
-    if split.name == "pool":
+    if split.name in ("pool", "pretrain"):
         rows = zip(ids, paths, captions, split.labels, split.styles, strict=True)
-        _write_csv(build_dir / "pool.csv", ["image_id", "filepath", "caption", "label", "style"], rows)
+        _write_csv(build_dir / f"{split.name}.csv", ["image_id", "filepath", "caption", "label", "style"], rows)
         return
     # finetune and eval manifests keep the style (per-style breakdowns) beside filepath and label
     rows = zip(ids, paths, split.labels, split.styles, strict=True)
@@ -317,6 +384,7 @@ def _build(build_dir: Path, config: WorldConfig, num_workers: int) -> None:
     names = SHAPE_NAMES[: config.num_classes]
     classes = {
         "classnames": list(names),
+        "pool_classnames": list(pool_concepts(config)),
         "finetune_classnames": [names[i] for i in ft],
         "zeroshot_classnames": [n for i, n in enumerate(names) if i not in ft],
     }
@@ -361,6 +429,35 @@ def _remove_dead_builds(root: Path, key: str) -> None:
             shutil.rmtree(path, ignore_errors=True)
         except PermissionError:  # alive, owned by someone else
             pass
+
+
+def generate_pretraining_corpus(world: World, num_workers: int | None = None) -> Path:
+    """Build the world's pretraining corpus under ``<world>/pretrain/``, or reuse it; returns its manifest.
+
+    Apart from `generate_world` because only pretraining reads it: drawn in a temporary folder beside it and
+    renamed into place when complete, like the world itself.
+    """
+    if world.pretrain_corpus.is_file():
+        return world.pretrain_corpus
+    split = plan_pretraining(world.config)
+    build_dir = world.root / f".pretrain.build-{os.getpid()}-{secrets.token_hex(4)}"
+    build_dir.mkdir()
+    started = time.perf_counter()
+    try:
+        captions = _draw(build_dir, world.config, [split], num_workers or os.cpu_count() or 1)
+        _write_tables(build_dir, split, captions[split.name])
+        try:
+            os.replace(build_dir, world.pretrain_corpus.parent)
+        except OSError:  # another process finished it first
+            if not world.pretrain_corpus.is_file():
+                raise
+            shutil.rmtree(build_dir)
+    except BaseException:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise
+    log.info("generated the pretraining corpus of %s (%d images) in %.1f s", world.root, len(split.shapes),
+             time.perf_counter() - started)
+    return world.pretrain_corpus
 
 
 def generate_world(root: str | Path, config: WorldConfig | None = None, num_workers: int | None = None) -> World:
