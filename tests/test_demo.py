@@ -10,22 +10,13 @@ import torch
 from nbclient import NotebookClient
 
 from anchor_clip.bench import loader_throughput
+from anchor_clip.demo import run as demo_module
+from anchor_clip.demo.data import finetune_config, finetune_data
+from anchor_clip.demo.recipes import AnchorRecipe, DemoConfig, FinetuneRecipe, PretrainRecipe
+from anchor_clip.demo.run import evaluate, fit_args, prepare, run_demo, wise_curves
 from anchor_clip.fit import cli_main
 from anchor_clip.module import AnchorFinetuneModule
-from anchor_clip.world.demo import (
-    AnchorRecipe,
-    DemoConfig,
-    FinetuneRecipe,
-    _datamodule,
-    evaluate,
-    finetune_config,
-    fit_args,
-    prepare,
-    run_demo,
-    wise_curves,
-)
 from anchor_clip.world.generate import WorldConfig
-from anchor_clip.world.pretrain import PretrainRecipe
 from tests.conftest import TINY_WORLD_CLIP
 
 METHODS = {"zeroshot", "lp", "ft", "lp_ft", "flyp", "arf_caption", "arf_retrieval", "arf", "replay", "oracle_caption",
@@ -74,13 +65,11 @@ def test_wise_curve_endpoints_are_the_pretrained_and_finetuned_models(demo):
 
 
 def test_wise_curve_reuses_the_endpoint_results_that_measuring_them_would_give(demo, monkeypatch):
-    from anchor_clip.world import demo as demo_module
-
     monkeypatch.setenv("ANCHOR_CLIP_CACHE", str(demo["cache"]))
     config = demo["config"]
     world, weights, _ = prepare(config)
     model = finetune_config(config.model)
-    data = _datamodule(world, config.finetune, weights, model)
+    data = finetune_data(world, config.finetune, weights, model)
     pretrained = AnchorFinetuneModule(backbone="world_clip", pretrained=str(weights), backbone_config=model)
     finetuned = copy.deepcopy(pretrained)
     with torch.no_grad():
@@ -131,8 +120,6 @@ def test_loader_throughput_times_the_worlds_arf_loader_and_step(demo, monkeypatc
 
 
 def test_demo_flags_set_the_anchor_weights_of_every_anchored_run(monkeypatch, tmp_path):
-    from anchor_clip.world import demo as demo_module
-
     seen = {}
 
     def run_demo(config: DemoConfig, out: str) -> pd.DataFrame:

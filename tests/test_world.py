@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from anchor_clip.data import EvalSet
+from anchor_clip.demo import pretrain as pretrain_module
+from anchor_clip.demo.pretrain import PretrainRecipe, pretrain_world_clip
 from anchor_clip.module import AnchorFinetuneModule
 from anchor_clip.world import (
     SHAPE_NAMES,
@@ -30,9 +32,7 @@ from anchor_clip.world import (
     words,
 )
 from anchor_clip.world import generate as generate_module
-from anchor_clip.world import pretrain as pretrain_module
 from anchor_clip.world.captions import MENTION_PROB, SIZE_WORDS, STYLE_NOUNS, plural
-from anchor_clip.world.pretrain import PretrainRecipe, pretrain_world_clip
 from anchor_clip.world.render import silhouette
 from anchor_clip.world.scene import COLOURS
 from tests.conftest import TINY_WORLD_CLIP

@@ -12,8 +12,8 @@ from PIL import Image
 from torchvision import transforms
 
 from anchor_clip.backbones import registry
-from anchor_clip.backbones.world_clip import WordTokenizer, WorldClipBackbone, WorldClipConfig
 from anchor_clip.world import SHAPE_NAMES, STYLES, describe, sample_scene, vocabulary
+from anchor_clip.world.clip import WordTokenizer, WorldClipBackbone, WorldClipConfig
 
 TINY = {"embed_dim": 16, "image_width": 4, "text_width": 16, "text_layers": 1, "text_heads": 2}
 

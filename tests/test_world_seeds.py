@@ -5,8 +5,9 @@ import math
 import pandas as pd
 import pytest
 
-import experiments.world_seeds as world_seeds
-from experiments.world_seeds import main, mean_std, recovery, run_seeds, targets
+from anchor_clip.demo import targets as targets_module
+from anchor_clip.demo.targets import mean_std, recovery, run_seeds, targets
+from experiments.world_seeds import main
 
 
 def _runs() -> pd.DataFrame:
@@ -64,7 +65,7 @@ def test_the_sweeps_flags_reach_every_seeds_demo(tmp_path, monkeypatch):
         out.mkdir(parents=True)
         _runs().query("seed == 0").drop(columns="seed").to_csv(out / "results.csv", index=False)
 
-    monkeypatch.setattr(world_seeds, "run_demo", fake_demo)
+    monkeypatch.setattr(targets_module, "run_demo", fake_demo)
     main(["--seeds", "3", "4", "--out", str(tmp_path), "--pretrain-steps", "4800", "--caption-weight", "0.5"])
     assert [(c.world.seed, c.seed) for c in configs] == [(3, 3), (4, 4)]
     assert {c.pretrain.steps for c in configs} == {4800}

@@ -34,7 +34,7 @@ from anchor_clip.eval.tables import append_jsonl
 from anchor_clip.module import AnchorFinetuneModule
 
 if TYPE_CHECKING:
-    from anchor_clip.world.demo import DemoConfig
+    from anchor_clip.demo import DemoConfig
 
 #: Small enough for CPU, large enough that the encoders, not Python overhead, dominate a step.
 BENCH_MODEL = {
@@ -221,13 +221,13 @@ def loader_throughput(workers: int, batches: int, repeats: int, config: DemoConf
     (built on first use, which takes minutes).
     """
     # imported here: the world's anchor jobs need faiss, which the step benchmark does not
-    from anchor_clip.world.demo import DemoConfig, _datamodule, finetune_config, prepare
+    from anchor_clip.demo import DemoConfig, finetune_config, finetune_data, prepare
 
     config = config or DemoConfig()
     world, weights, anchors = prepare(config)
     recipe = replace(config.finetune, num_workers=workers)
     model = finetune_config(config.model)
-    data = _datamodule(world, recipe, weights, model, anchors["captions"], anchors["retrieved"])
+    data = finetune_data(world, recipe, weights, model, anchors["captions"], anchors["retrieved"])
     data.setup("fit")
     combined = data.train_dataloader()
     loader = (batch for _ in itertools.count() for batch in combined)  # epoch after epoch

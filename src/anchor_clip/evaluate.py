@@ -30,10 +30,10 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from anchor_clip.backbones import create_backbone
-from anchor_clip.data.datamodule import DEFAULT_TEMPLATES, EvalSet
 from anchor_clip.eval.datasets import EvalDataset, build_eval_dataset, dataset_info, from_eval_set
 from anchor_clip.eval.tables import append_jsonl, results_table, to_markdown, write_results_table
 from anchor_clip.module import AnchorFinetuneModule
+from anchor_clip.specs import DEFAULT_TEMPLATES, EvalSet
 from anchor_clip.wise import interpolate
 
 log = logging.getLogger(__name__)

@@ -67,6 +67,6 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:
         cli_main()
     else:  # the embedded default: ARF on the miniature world, prepared (and cached) first
-        from anchor_clip.world.demo import fit_args
+        from anchor_clip.demo import fit_args
 
         cli_main(fit_args())

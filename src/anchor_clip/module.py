@@ -16,8 +16,8 @@ from transformers import get_cosine_schedule_with_warmup
 
 from anchor_clip.backbones import ClipBackbone, create_backbone
 from anchor_clip.callbacks import BadDataMonitor
-from anchor_clip.data.datamodule import EvalSpec
 from anchor_clip.losses import ARFLoss
+from anchor_clip.specs import EvalSpec
 
 Pairs = dict[str, tuple[Tensor, Tensor]]
 NONFINITE_MODES = ("raise", "skip")

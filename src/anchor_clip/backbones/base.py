@@ -9,6 +9,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -117,3 +118,20 @@ class ClipBackbone(nn.Module, ABC):
         """Encode raw strings in chunks: (N,) strings -> (N, D) normalized features."""
         chunks = [self.encode_text(self.tokenize(texts[i : i + batch_size])) for i in range(0, len(texts), batch_size)]
         return torch.cat(chunks)
+
+
+def state_dict_from_checkpoint(obj: object, path: Path) -> dict[str, Tensor]:
+    """The backbone's weights from a plain state dict or a Lightning checkpoint (keys under ``backbone.``)."""
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        prefix = "backbone."
+        state = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
+        if not state:
+            roots = sorted({k.split(".")[0] for k in obj["state_dict"]})
+            raise ValueError(
+                f"{path} is a Lightning checkpoint without 'backbone.' weights (top-level names: {roots}); "
+                "expected a checkpoint of a module that stores the adapter as self.backbone"
+            )
+        return state
+    if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
+        return obj
+    raise ValueError(f"{path} holds neither a state dict of tensors nor a Lightning checkpoint (got {type(obj)})")

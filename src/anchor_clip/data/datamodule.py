@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import warnings
 from dataclasses import asdict, dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import lightning as L
 import torch
@@ -32,51 +32,10 @@ from anchor_clip.data.pairs import ImageTextPairs
 from anchor_clip.data.robust import SKIPPED, GuardedItems, check_files
 from anchor_clip.data.sampling import StreamSampler
 from anchor_clip.data.tables import check_templates
-
-if TYPE_CHECKING:  # eval imports this module; the projection type is only an annotation here
-    from anchor_clip.eval.masks import LogitProjection
+from anchor_clip.specs import DEFAULT_TEMPLATES, EvalSet, EvalSpec
 
 TEXT_KEYS = ("texts", "captions")
-DEFAULT_TEMPLATES = ("a photo of a {c}.",)
 TRAIN_STREAMS = ("finetune", "retrieved")  # the streams with images; captions ride in the finetune stream
-
-
-@dataclass
-class EvalSet:
-    """A named evaluation set: its images, labels and its *own* class names (zero-shot sets differ from ID).
-
-    Attributes:
-        name: used in metric names, `val/<name>/acc`.
-        manifest: table with `filepath`, `label`.
-        classnames: list or file; the zero-shot head has one row per name.
-        templates: prompt templates for its zero-shot head; None uses `AnchorDataModule.eval_templates`.
-    """
-
-    name: str
-    manifest: str
-    classnames: str | list[str]
-    templates: list[str] | None = None
-
-
-@dataclass(frozen=True)
-class EvalSpec:
-    """What the module needs to build a set's zero-shot head and score it.
-
-    Attributes:
-        name: the set's name in metric keys.
-        classnames: one head row per name (for ImageNet-A/R/ObjectNet: the 1000 ImageNet names).
-        templates: prompt templates with `{c}`.
-        project: maps (B, len(classnames)) head logits to (B, num_classes) set logits (class subsets, pooling).
-    """
-
-    name: str
-    classnames: list[str]
-    templates: list[str]
-    project: LogitProjection | None = None
-
-    @property
-    def num_classes(self) -> int:
-        return self.project.num_classes if self.project is not None else len(self.classnames)
 
 
 @dataclass(frozen=True)

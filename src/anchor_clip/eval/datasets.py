@@ -33,11 +33,11 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from anchor_clip.backbones.base import ImageTransform
-from anchor_clip.data.datamodule import EvalSet, EvalSpec
 from anchor_clip.data.images import LabelledImages, load_image
 from anchor_clip.data.tables import check_templates
 from anchor_clip.eval import masks
 from anchor_clip.eval.masks import ClassSubset, LogitProjection, PooledClasses
+from anchor_clip.specs import EvalSet, EvalSpec
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 

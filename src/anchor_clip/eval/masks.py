@@ -18,6 +18,8 @@ import torch
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES
 from torch import Tensor
 
+from anchor_clip.specs import LogitProjection
+
 
 def imagenet_classnames() -> list[str]:
     """The 1000 ImageNet class names (open_clip's cleaned CLIP names), index i = class i in wnid-sorted order."""
@@ -38,31 +40,6 @@ def imagenet_wnids() -> list[str]:
     if wnids != sorted(wnids) or len(wnids) != len(imagenet_classnames()):
         raise ValueError(f"timm's imagenet-1k synset list ({len(wnids)} ids) is not the sorted 1000-class order")
     return wnids
-
-
-class LogitProjection:
-    """Maps (B, C_head) logits of a head onto the (B, C_set) classes of an evaluation set.
-
-    Attributes:
-        num_head_classes: width of the head the projection expects (e.g. 1000 for ImageNet).
-        num_classes: number of classes of the set, i.e. the width of the projected logits.
-    """
-
-    def __init__(self, num_head_classes: int, num_classes: int) -> None:
-        self.num_head_classes = num_head_classes
-        self.num_classes = num_classes
-
-    def __call__(self, logits: Tensor) -> Tensor:
-        """(B, C_head) -> (B, C_set)."""
-        if logits.ndim != 2 or logits.shape[1] != self.num_head_classes:
-            raise ValueError(
-                f"{type(self).__name__} expects (B, {self.num_head_classes}) logits of the full head, "
-                f"got shape {tuple(logits.shape)}; build the head from the set's head class names"
-            )
-        return self.project(logits)
-
-    def project(self, logits: Tensor) -> Tensor:
-        raise NotImplementedError
 
 
 class ClassSubset(LogitProjection):

@@ -9,7 +9,7 @@ Splits (mirroring ARF's setup, with styles standing in for ImageNet's distributi
 | file | classes | styles | labels index |
 |---|---|---|---|
 | ``pretrain/pretrain.csv`` (image_id, filepath, caption, label, style) | all, even | all, even | ``classnames.txt`` |
-| ``pool.csv`` (image_id, filepath, caption, label, style) | all + pool-only, skewed | all, skewed | ``pool_classnames.txt`` |
+| ``pool.csv`` (same columns) | all + pool-only, skewed | all, skewed | ``pool_classnames.txt`` |
 | ``finetune.csv`` (image_id, filepath, label, style) | finetune | finetune style | ``finetune_classnames.txt`` |
 | ``captions_oracle.csv`` (image_id, caption) | the finetune images' true captions (ablation only) | | |
 | ``eval_id.csv`` | finetune | finetune style | ``finetune_classnames.txt`` |
@@ -127,7 +127,7 @@ class WorldConfig:
 
 
 @dataclass(frozen=True)
-class EvalSet:
+class EvalSplit:
     """One evaluation set: a manifest (filepath, label, ...) and the class names its labels index."""
 
     manifest: Path
@@ -188,12 +188,12 @@ class World:
         return tuple(s for s in self.config.styles if s != self.config.finetune_style)
 
     @property
-    def eval_sets(self) -> dict[str, EvalSet]:
+    def eval_sets(self) -> dict[str, EvalSplit]:
         """Eval sets by name: ``id``, ``shift_<style>`` per shift style, ``zeroshot``."""
-        sets = {"id": EvalSet(self.root / "eval_id.csv", self.finetune_classnames_file)}
+        sets = {"id": EvalSplit(self.root / "eval_id.csv", self.finetune_classnames_file)}
         for style in self.shift_styles:
-            sets[f"shift_{style}"] = EvalSet(self.root / f"eval_shift_{style}.csv", self.finetune_classnames_file)
-        sets["zeroshot"] = EvalSet(self.root / "eval_zeroshot.csv", self.zeroshot_classnames_file)
+            sets[f"shift_{style}"] = EvalSplit(self.root / f"eval_shift_{style}.csv", self.finetune_classnames_file)
+        sets["zeroshot"] = EvalSplit(self.root / "eval_zeroshot.csv", self.zeroshot_classnames_file)
         return sets
 
     @classmethod

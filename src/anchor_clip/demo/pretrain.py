@@ -13,7 +13,7 @@ import json
 import os
 import pickle
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from anchor_clip.data import AnchorDataModule, EvalSet
+from anchor_clip.data import AnchorDataModule
 from anchor_clip.data.tables import write_atomic
+from anchor_clip.demo.data import world_eval_sets
+from anchor_clip.demo.recipes import PretrainRecipe
 from anchor_clip.module import AnchorFinetuneModule
 from anchor_clip.world.generate import World, generate_pretraining_corpus
 
-#: The pool's 32 px images (60k, ~180 MB) are decoded once instead of every epoch; the weights are the same, so it
-#: is not part of the recipe or the cache key.
+#: Decode the pool's 32 px images once instead of every epoch; the weights are the same, so not in the cache key.
 POOL_DECODED_MB = 512
 
 CHECKPOINT_EVERY = 250  # training steps between the checkpoints a killed run resumes from
@@ -41,33 +42,6 @@ def cache_root() -> Path:
     if "ANCHOR_CLIP_CACHE" in os.environ:
         return Path(os.environ["ANCHOR_CLIP_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "anchor_clip"
-
-
-@dataclass(frozen=True)
-class PretrainRecipe:
-    """Optimisation settings of world-CLIP pretraining."""
-
-    steps: int = 4000  # long enough that zero-shot accuracy and loss plateau over the last fifth (the manifests)
-    batch_size: int = 256
-    lr: float = 3e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 100
-    # loader processes; not part of the cache key (batches are seeded per item: the weights do not depend on it).
-    # 0 here: the decoded pool's batches cost the main process little, and on a 2-core machine two workers slowed
-    # a pretraining step from 0.16 to 0.27 s
-    num_workers: int = 0
-    seed: int = 0
-    eval_every: int = 400  # steps between zero-shot evaluations (the plateau check); not part of the cache key
-    channels_last: bool = True  # conv tower forward+backward 15-25 % faster on CPU; same loss up to rounding
-
-
-def world_eval_sets(world: World, names: tuple[str, ...] | None = None) -> list[EvalSet]:
-    """The world's evaluation sets as `EvalSet`s, templates left to the data module's default."""
-    return [
-        EvalSet(name, str(s.manifest), str(s.classnames))
-        for name, s in world.eval_sets.items()
-        if names is None or name in names
-    ]
 
 
 def _resumable(last: Path) -> Path | None:
@@ -97,18 +71,19 @@ def pretrain_key(world: World, model_config: dict[str, Any] | None, recipe: Pret
 
 
 def pretrain_world_clip(world: World, model_config: dict[str, Any] | None = None,
-                        recipe: PretrainRecipe = PretrainRecipe(), cache_dir: str | Path | None = None) -> Path:
+                        recipe: PretrainRecipe | None = None, cache_dir: str | Path | None = None) -> Path:
     """Pretrain (or reuse) the world CLIP and return the path of its backbone state dict.
 
     Args:
         world: a generated world; its pretraining corpus (drawn here if missing) is the data.
         model_config: overrides of the `world_clip` backbone config.
-        recipe: optimisation settings.
+        recipe: optimisation settings; None = `PretrainRecipe()`.
         cache_dir: where runs and results live; defaults to `cache_root()`.
 
     Returns:
         `<cache>/world_clip/<key>/world_clip.pt`, loadable with `create_backbone("world_clip", pretrained=path)`.
     """
+    recipe = recipe or PretrainRecipe()
     run_dir = Path(cache_dir or cache_root()) / "world_clip" / pretrain_key(world, model_config, recipe)
     weights = run_dir / "world_clip.pt"
     if weights.is_file():

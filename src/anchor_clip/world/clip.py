@@ -3,7 +3,8 @@
 Built to be pretrained on the world's pool in CPU minutes (see `anchor_clip.world`): at 32 px a small
 conv net learns far faster than a ViT, and the world's closed vocabulary (`world.vocabulary()`) makes a
 word-level tokenizer exact, so no BPE table is needed. `WorldClip` is the model in open_clip's shape
-(`visual`, `text`, `logit_scale` stored as a log); `WorldClipBackbone` adapts it to `ClipBackbone`.
+(`visual`, `text`, `logit_scale` stored as a log); `WorldClipBackbone` adapts it to `ClipBackbone` and
+registers it as the ``world_clip`` family when this module is imported (`import anchor_clip` does).
 
 Spec: ``world_clip`` (one model; sizes come from the ``config`` dict, e.g. tests build a tiny one).
 """
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.transforms import functional as TF
 
-from anchor_clip.backbones.base import BackboneIO, ClipBackbone
+from anchor_clip.backbones.base import BackboneIO, ClipBackbone, state_dict_from_checkpoint
 from anchor_clip.backbones.registry import register_backbone
 from anchor_clip.world.captions import vocabulary, words
 
@@ -35,10 +36,8 @@ class WorldClipConfig:
     embed_dim: int = 128  # joint image-text embedding size
     image_size: int = 32  # input pixels per side (the world's default)
     image_width: int = 32  # channels of the first conv layer; doubled at each of the next three
-    # "batch" (BatchNorm2d) or "group" (GroupNorm, batch-independent like a ViT's LayerNorm). Batch norm is the
-    # default because CLIP on the world learns shapes far faster with it: a small model (image_width 16) reached
-    # 67% zero-shot on the ID classes after 1000 steps of 256 pairs, 83% after 1600; with group norm, 8% after
-    # 760 (colours, styles and positions were learned either way).
+    # "batch" (BatchNorm2d) or "group" (GroupNorm, batch-independent like a ViT's LayerNorm); batch norm learns
+    # the world's shapes far faster
     image_norm: str = "batch"
     # keep BatchNorm's running statistics fixed while training (finetuning): features then stop depending on
     # what else is in the batch, so e.g. a photo-only finetune batch cannot shift the statistics sketches use
@@ -311,23 +310,6 @@ def _resolve_pretrained(pretrained: str) -> Path:
     return path
 
 
-def _state_dict_from(obj: object, path: Path) -> dict[str, Tensor]:
-    """The backbone's weights from a plain state dict or a Lightning checkpoint (keys under ``backbone.``)."""
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        prefix = "backbone."
-        state = {k[len(prefix) :]: v for k, v in obj["state_dict"].items() if k.startswith(prefix)}
-        if not state:
-            roots = sorted({k.split(".")[0] for k in obj["state_dict"]})
-            raise ValueError(
-                f"{path} is a Lightning checkpoint without 'backbone.' weights (top-level names: {roots}); "
-                "expected a checkpoint of a module that stores the adapter as self.backbone"
-            )
-        return state
-    if isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values()):
-        return obj
-    raise ValueError(f"{path} holds neither a state dict of tensors nor a Lightning checkpoint (got {type(obj)})")
-
-
 @register_backbone("world_clip")
 class WorldClipBackbone(ClipBackbone):
     """`ClipBackbone` adapter around `WorldClip`."""
@@ -366,7 +348,7 @@ class WorldClipBackbone(ClipBackbone):
         """
         path = Path(path)
         # Lightning checkpoints pickle hyper-parameters that the weights-only loader rejects; load trusted files only
-        state = _state_dict_from(torch.load(path, map_location="cpu", weights_only=False), path)
+        state = state_dict_from_checkpoint(torch.load(path, map_location="cpu", weights_only=False), path)
         own = self.state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))

@@ -15,113 +15,28 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import pandas as pd
-from torch import Tensor
 
-from anchor_clip.anchors.caption import caption_finetune_set
-from anchor_clip.anchors.captioners import KnnCaptioner
-from anchor_clip.anchors.retrieve import retrieve
 from anchor_clip.baselines import ClassifierFinetuneModule
 from anchor_clip.data import AnchorDataModule
-from anchor_clip.data.tables import read_table, resolve_paths, write_atomic, write_table
-from anchor_clip.eval.drift import FeatureRecorder, feature_drift
+from anchor_clip.data.tables import write_atomic, write_table
+from anchor_clip.demo.anchors import build_anchors
+from anchor_clip.demo.data import eval_templates, finetune_config, finetune_data, world_eval_sets
+from anchor_clip.demo.pretrain import cache_root, pretrain_world_clip
+from anchor_clip.demo.recipes import DemoConfig, FinetuneRecipe, PretrainRecipe
+from anchor_clip.demo.report import drift_table, plot, summarize, summarize_curves
+from anchor_clip.eval.drift import FeatureRecorder
 from anchor_clip.eval.tables import to_markdown
 from anchor_clip.module import AnchorFinetuneModule
 from anchor_clip.wise import interpolate
-from anchor_clip.world.captions import CLASS_PROMPT, STYLE_PROMPT
+from anchor_clip.world.captions import CLASS_PROMPT
 from anchor_clip.world.generate import World, WorldConfig, generate_world
-from anchor_clip.world.pretrain import PretrainRecipe, cache_root, pretrain_world_clip, world_eval_sets
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class FinetuneRecipe:
-    """One finetune's settings, shared by every method so that only the anchors differ."""
-
-    # 3 worlds: at 400, FLYP loses 6.6 (shift) / 11.0 (zero-shot classes), ARF's ID gap -0.3, and a cached demo
-    # fits 10 minutes on a slow 2-core machine; at 600, 8.75 / 14.0 and +0.03, but 16 minutes there
-    steps: int = 400
-    batch_size: int = 128  # finetune images per step; caption anchors pair with these images
-    retrieved_batch_size: int | None = None  # retrieved (or replay) pairs per step; None = batch_size
-    lr: float = 2e-3  # on worlds 0 and 1, FLYP loses 1-4 more points on the style shifts than at 1e-3
-    weight_decay: float = 0.1
-    warmup_steps: int = 20
-    # λ of the anchor streams (replay uses λ_retrieved). 3 worlds at 600 steps, 0.25 / 0.5: ARF's ID gap +0.03,
-    # recovery 178 % / 115 %; at 1 / 1 (on another machine) -1.35, and kNN captions cost 1.8 OOD next to retrieval.
-    caption_weight: float = 0.25
-    retrieved_weight: float = 0.5
-    num_workers: int = 2
-    channels_last: bool = True  # conv tower forward+backward 15-25 % faster on CPU; same loss up to rounding
-    decoded_cache_mb: float = 512  # decode the 32 px training streams once (finetune 12 MB, retrieved ~90 MB)
-
-
-@dataclass
-class AnchorRecipe:
-    """How the anchors are built (knobs of the anchor jobs, not world-only special cases)."""
-
-    retrieved_per_class: int = 1500  # k of the retrieval job, split evenly over the style query templates
-    caption_neighbours: int = 20  # kNN captioner: how far down the neighbours the label filter may walk
-    caption_label_filter: bool = True
-    exclude_threshold: float | None = 0.98  # drop pool images this close (cosine) to an eval image; None: keep all
-
-
-#: The world CLIP of the demo: narrower than `WorldClipConfig`'s defaults so pretraining fits CPU minutes.
-WORLD_MODEL = {"image_width": 16, "text_width": 64, "text_layers": 2, "text_heads": 2, "embed_dim": 64}
-
-
-@dataclass
-class DemoConfig:
-    world: WorldConfig = field(default_factory=WorldConfig)
-    pretrain: PretrainRecipe = field(default_factory=PretrainRecipe)
-    finetune: FinetuneRecipe = field(default_factory=FinetuneRecipe)
-    anchors: AnchorRecipe = field(default_factory=AnchorRecipe)
-    model: dict | None = field(default_factory=lambda: dict(WORLD_MODEL))  # world_clip config overrides
-    seed: int = 0  # finetune seed (world and pretraining have their own)
-    oracle: bool = False  # also run the ablation with the generator's true captions
-    baselines: bool = False  # also run the cross-entropy finetunes LP, FT and LP-FT
-    wise_alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # WiSE-FT curve points (0.5 enters the table)
-
-
-def eval_templates(world: World) -> list[str]:
-    """Zero-shot head prompts: one per style, like the style words in CLIP's ImageNet prompt ensemble."""
-    return [STYLE_PROMPT.replace("{style}", style) for style in world.config.styles]
-
-
-def build_anchors(world: World, weights: Path, model: dict | None, recipe: AnchorRecipe,
-                  out: Path) -> dict[str, Path]:
-    """Run the two anchor jobs with the pretrained world CLIP, plus the random-replay control set."""
-    classnames = str(world.finetune_classnames_file)
-    retrieved_dir = out / "retrieved"
-    if not (retrieved_dir / "retrieved_anchors.csv").is_file():
-        retrieve(pool=str(world.pool), classnames=classnames, out_dir=str(retrieved_dir), backbone="world_clip",
-                 pretrained=str(weights), backbone_config=model, templates=tuple(STYLE_PROMPT.replace("{style}", s)
-                                                          for s in world.config.styles),
-                 k=recipe.retrieved_per_class, pool_classnames=str(world.classnames_file),
-                 exclude_manifests=None if recipe.exclude_threshold is None else
-                 [str(s.manifest) for s in world.eval_sets.values()],
-                 exclude_threshold=recipe.exclude_threshold or 1.0, num_workers=2)
-    retrieved = retrieved_dir / "retrieved_anchors.csv"
-
-    replay = out / "replay" / "replay_anchors.csv"
-    if not replay.is_file():
-        pool = read_table(world.pool, required=("filepath", "caption"), what="world pool")
-        sample = pool.sample(n=len(read_table(retrieved)), random_state=0)
-        sample["filepath"] = resolve_paths(sample, world.pool)
-        write_table(sample, replay)
-
-    # The kNN captioner searches the pool embeddings the retrieval job already made.
-    captioner = KnnCaptioner("world_clip", pool_embeddings=str(retrieved_dir / "pool_embeddings"),
-                             pretrained=str(weights), config=model, label_filter=recipe.caption_label_filter,
-                             top_m=recipe.caption_neighbours, num_workers=2)
-    captions = caption_finetune_set(str(world.finetune), str(out / "captions_knn"), captioner, classnames=classnames,
-                                    other_classnames=str(world.zeroshot_classnames_file), num_workers=2)
-    return {"retrieved": retrieved, "replay": replay, "captions": Path(captions.table)}
 
 
 def methods(anchors: dict[str, Path], world: World, oracle: bool, baselines: bool = False) -> dict[str, dict]:
@@ -146,16 +61,6 @@ def methods(anchors: dict[str, Path], world: World, oracle: bool, baselines: boo
     return runs
 
 
-def _datamodule(world: World, recipe: FinetuneRecipe, weights: Path, model: dict | None, captions=None,
-                retrieved=None) -> AnchorDataModule:
-    return AnchorDataModule(
-        finetune=str(world.finetune), classnames=str(world.finetune_classnames_file), templates=[CLASS_PROMPT],
-        captions=None if captions is None else str(captions), retrieved=None if retrieved is None else str(retrieved),
-        eval_sets=world_eval_sets(world), eval_templates=eval_templates(world), batch_size=recipe.batch_size,
-        retrieved_batch_size=recipe.retrieved_batch_size, num_workers=recipe.num_workers,
-        decoded_cache_mb=recipe.decoded_cache_mb, backbone="world_clip", backbone_config=model, pretrained=str(weights))
-
-
 def evaluate(module: AnchorFinetuneModule, data: AnchorDataModule,
              recorder: FeatureRecorder | None = None) -> dict[str, float]:
     """Top-1 accuracy (%) of `module` on every evaluation set of `data` (image features into `recorder`)."""
@@ -164,15 +69,6 @@ def evaluate(module: AnchorFinetuneModule, data: AnchorDataModule,
     result = trainer.validate(module, data, verbose=False)
     merged = {k: v for r in result for k, v in r.items()}
     return {name.split("/")[1]: 100.0 * value for name, value in merged.items() if name.endswith("/acc")}
-
-
-def finetune_config(model: dict | None) -> dict:
-    """The world CLIP config for finetuning: BatchNorm statistics frozen at their pretrained values.
-
-    CLIP's towers have no batch statistics; without this, a photo-only finetune batch would re-estimate the
-    statistics that sketches and paintings are normalized with, a forgetting mechanism CLIP does not have.
-    """
-    return {**(model or {}), "freeze_batch_stats": True}
 
 
 def finetune(world: World, weights: Path, recipe: FinetuneRecipe, run_dir: Path, seed: int, model: dict | None,
@@ -195,7 +91,7 @@ def finetune(world: World, weights: Path, recipe: FinetuneRecipe, run_dir: Path,
     else:
         module = AnchorFinetuneModule(caption_weight=recipe.caption_weight if captions else 0.0,
                                       retrieved_weight=recipe.retrieved_weight if retrieved else 0.0, **common)
-    data = _datamodule(world, recipe, weights, model, captions, retrieved)
+    data = finetune_data(world, recipe, weights, model, captions, retrieved)
     trainer = L.Trainer(max_steps=recipe.steps, default_root_dir=run_dir, limit_val_batches=0,
                         num_sanity_val_steps=0, enable_model_summary=False, log_every_n_steps=20,
                         logger=L.pytorch.loggers.CSVLogger(run_dir, name="logs"), enable_checkpointing=False)
@@ -225,50 +121,6 @@ def wise_curves(pretrained: AnchorFinetuneModule, finetuned: dict[str, AnchorFin
                 known = evaluate(merged, data)
             rows.append({"method": method, "alpha": alpha, **known})
     return pd.DataFrame(rows)
-
-
-def summarize_curves(curves: pd.DataFrame, world: World) -> pd.DataFrame:
-    """`summarize` for every (method, α) row of `wise_curves`."""
-    table = summarize({i: row.drop(["method", "alpha"]).to_dict() for i, row in curves.iterrows()}, world)
-    return pd.concat([curves[["method", "alpha"]], table.reset_index(drop=True)], axis=1)
-
-
-def drift_table(reference: dict[str, Tensor], finetuned: dict[str, dict[str, Tensor]]) -> pd.DataFrame:
-    """Image-feature drift from the pretrained model's features, per finetuned method and evaluation set."""
-    return pd.DataFrame([{"method": method, "set": name, **feature_drift(reference[name], features[name])}
-                         for method, features in finetuned.items() for name in reference])
-
-
-def summarize(results: dict[str, dict[str, float]], world: World) -> pd.DataFrame:
-    """Per method: ID, each shift, shift average, zero-shot classes and the OOD average (shift avg, zero-shot)."""
-    shifts = [f"shift_{s}" for s in world.shift_styles]
-    rows = []
-    for method, acc in results.items():
-        row = {"method": method, "id": acc["id"], **{s: acc[s] for s in shifts}}
-        row["shift_avg"] = float(np.mean([acc[s] for s in shifts]))
-        row["zeroshot"] = acc["zeroshot"]
-        row["ood_avg"] = (row["shift_avg"] + row["zeroshot"]) / 2
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("method").round(2)
-
-
-def plot(table: pd.DataFrame, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 4.5))
-    for method, row in table.iterrows():
-        ax.scatter(row["ood_avg"], row["id"], s=40)
-        ax.annotate(method, (row["ood_avg"], row["id"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xlabel("OOD average (shift avg, zero-shot classes), %")
-    ax.set_ylabel("ID accuracy, %")
-    ax.set_title("Miniature world: ID vs OOD")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
-    plt.close(fig)
 
 
 def prepare(config: DemoConfig, timings: dict[str, float] | None = None) -> tuple[World, Path, dict[str, Path]]:
@@ -323,7 +175,7 @@ def run_demo(config: DemoConfig, out: str | Path) -> pd.DataFrame:
 
     model = finetune_config(config.model)
     # evaluation in the main process: a few thousand decoded 32 px images cost less than starting workers
-    eval_data = _datamodule(world, replace(config.finetune, num_workers=0), weights, model)
+    eval_data = finetune_data(world, replace(config.finetune, num_workers=0), weights, model)
     pretrained = AnchorFinetuneModule(backbone="world_clip", pretrained=str(weights), backbone_config=model)
     recorders = {"zeroshot": FeatureRecorder()}
     results = {"zeroshot": evaluate(pretrained, eval_data, recorders["zeroshot"])}
@@ -355,7 +207,7 @@ def run_demo(config: DemoConfig, out: str | Path) -> pd.DataFrame:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m anchor_clip.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="outputs/demo", help="output folder for the table, CSV and PNG")
     parser.add_argument("--seed", type=int, default=0, help="finetune seed")
     parser.add_argument("--world-seed", type=int, default=0, help="world seed (class split and images)")
