@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from anchor_clip.data import AnchorDataModule, EvalSet
 from anchor_clip.demo.recipes import FinetuneRecipe
 from anchor_clip.world.captions import CLASS_PROMPT, STYLE_PROMPT
@@ -33,7 +31,7 @@ def finetune_config(model: dict | None) -> dict:
     return {**(model or {}), "freeze_batch_stats": True}
 
 
-def finetune_data(world: World, recipe: FinetuneRecipe, weights: Path, model: dict | None, captions=None,
+def finetune_data(world: World, recipe: FinetuneRecipe, weights: str, model: dict | None, captions=None,
                   retrieved=None) -> AnchorDataModule:
     """The data module of one finetune: the finetune stream, the given anchors and every evaluation set."""
     return AnchorDataModule(
@@ -41,4 +39,4 @@ def finetune_data(world: World, recipe: FinetuneRecipe, weights: Path, model: di
         captions=None if captions is None else str(captions), retrieved=None if retrieved is None else str(retrieved),
         eval_sets=world_eval_sets(world), eval_templates=eval_templates(world), batch_size=recipe.batch_size,
         retrieved_batch_size=recipe.retrieved_batch_size, num_workers=recipe.num_workers,
-        decoded_cache_mb=recipe.decoded_cache_mb, backbone="world_clip", backbone_config=model, pretrained=str(weights))
+        decoded_cache_mb=recipe.decoded_cache_mb, backbone="world_clip", backbone_config=model, pretrained=weights)

@@ -50,6 +50,10 @@ class AnchorRecipe:
     """How the anchors are built (knobs of the anchor jobs, not world-only special cases)."""
 
     retrieved_per_class: int = 1500  # k of the retrieval job, split evenly over the style query templates
+    # the caption anchors' captioner: a shipped captioner tag (`world.pretrained`) or a BLIP `save_pretrained`
+    # folder, run by the caption job as any Hugging Face BLIP; "knn" captions each image with its pool neighbours'
+    captioner: str = "world_blip"
+    caption_beams: int = 1  # beam width of the generative captioner (1: greedy)
     caption_neighbours: int = 20  # kNN captioner: how far down the neighbours the label filter may walk
     caption_label_filter: bool = True
     exclude_threshold: float | None = 0.98  # drop pool images this close (cosine) to an eval image; None: keep all
@@ -70,5 +74,10 @@ class DemoConfig:
     model: dict | None = field(default_factory=lambda: dict(WORLD_MODEL))  # world_clip config overrides
     seed: int = 0  # finetune seed (world and pretraining have their own)
     oracle: bool = False  # also run the ablation with the generator's true captions
+    # also run each anchor stream alone (generative captions, kNN captions, retrieved anchors)
+    ablations: bool = False
+    # retrieved anchors and random replay at these k per class too (OOD against the number of anchor pairs)
+    anchor_sizes: tuple[int, ...] = ()
+    force_pretrain: bool = False  # pretrain the world CLIP even when a shipped one matches (cached like any other)
     baselines: bool = False  # also run the cross-entropy finetunes LP, FT and LP-FT
     wise_alphas: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # WiSE-FT curve points (0.5 enters the table)

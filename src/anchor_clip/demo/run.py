@@ -1,8 +1,9 @@
 """The embedded experiment: ARF against its baselines and controls on the miniature world, offline.
 
-pretrain (cached) -> zero-shot -> FLYP -> ARF (caption, retrieval, both) -> controls: random-pool replay with
-as many pairs as the retrieved set and the same λ, and WiSE-FT of FLYP and ARF; with `baselines`, also the
-cross-entropy finetunes LP, FT and LP-FT.
+shipped (or pretrained, cached) world CLIP -> zero-shot -> FLYP -> ARF -> controls: random-pool replay with as
+many pairs as the retrieved set and the same λ, and WiSE-FT of FLYP and ARF; with `ablations`, each anchor stream
+alone (generative captions, kNN captions, retrieval); with `anchor_sizes`, retrieval and replay at other sizes;
+with `baselines`, also the cross-entropy finetunes LP, FT and LP-FT.
 Prints a table (ID, each shift, shift average, zero-shot classes, OOD average) and writes it as CSV and
 markdown, with a PNG of ID vs OOD per method, WiSE-FT curves and feature drift, under the output folder.
 """
@@ -23,23 +24,24 @@ import pandas as pd
 
 from anchor_clip.baselines import ClassifierFinetuneModule
 from anchor_clip.data import AnchorDataModule
-from anchor_clip.data.tables import write_atomic, write_table
+from anchor_clip.data.tables import read_table, write_atomic, write_table
 from anchor_clip.demo.anchors import build_anchors
 from anchor_clip.demo.data import eval_templates, finetune_config, finetune_data, world_eval_sets
-from anchor_clip.demo.pretrain import cache_root, pretrain_world_clip
-from anchor_clip.demo.recipes import DemoConfig, FinetuneRecipe, PretrainRecipe
+from anchor_clip.demo.pretrain import cache_root, pretrain_key, pretrain_world_clip
+from anchor_clip.demo.recipes import AnchorRecipe, DemoConfig, FinetuneRecipe, PretrainRecipe
 from anchor_clip.demo.report import drift_table, plot, summarize, summarize_curves
 from anchor_clip.eval.drift import FeatureRecorder
 from anchor_clip.eval.tables import to_markdown
 from anchor_clip.module import AnchorFinetuneModule
 from anchor_clip.wise import interpolate
+from anchor_clip.world import pretrained as shipped
 from anchor_clip.world.captions import CLASS_PROMPT
 from anchor_clip.world.generate import World, WorldConfig, generate_world
 
 log = logging.getLogger(__name__)
 
 
-def methods(anchors: dict[str, Path], world: World, oracle: bool, baselines: bool = False) -> dict[str, dict]:
+def methods(anchors: dict[str, Path], world: World, config: DemoConfig) -> dict[str, dict]:
     """`finetune` arguments of each finetuned method (zero-shot and WiSE-FT need no finetune of their own).
 
     The classifier baselines come first: LP-FT starts from the head the LP run saves.
@@ -48,15 +50,22 @@ def methods(anchors: dict[str, Path], world: World, oracle: bool, baselines: boo
         "lp": {"classifier": {"linear_probe": True}},
         "ft": {"classifier": {}},
         "lp_ft": {"classifier": {"init_head": "lp"}},
-    } if baselines else {}
+    } if config.baselines else {}
+    runs["flyp"] = {}
+    if config.ablations:
+        runs |= {
+            "arf_caption": {"captions": anchors["captions"]},
+            "arf_caption_knn": {"captions": anchors["captions_knn"]},
+            "arf_retrieval": {"retrieved": anchors["retrieved"]},
+        }
     runs |= {
-        "flyp": {},
-        "arf_caption": {"captions": anchors["captions"]},
-        "arf_retrieval": {"retrieved": anchors["retrieved"]},
         "arf": {"captions": anchors["captions"], "retrieved": anchors["retrieved"]},
         "replay": {"retrieved": anchors["replay"]},
     }
-    if oracle:
+    for k in config.anchor_sizes:
+        runs[f"arf_retrieval@{k}"] = {"retrieved": anchors[f"retrieved@{k}"]}
+        runs[f"replay@{k}"] = {"retrieved": anchors[f"replay@{k}"]}
+    if config.oracle:
         runs["oracle_caption"] = {"captions": world.captions_oracle}
     return runs
 
@@ -71,7 +80,7 @@ def evaluate(module: AnchorFinetuneModule, data: AnchorDataModule,
     return {name.split("/")[1]: 100.0 * value for name, value in merged.items() if name.endswith("/acc")}
 
 
-def finetune(world: World, weights: Path, recipe: FinetuneRecipe, run_dir: Path, seed: int, model: dict | None,
+def finetune(world: World, weights: str, recipe: FinetuneRecipe, run_dir: Path, seed: int, model: dict | None,
              captions=None, retrieved=None, classifier: dict | None = None) -> AnchorFinetuneModule:
     """One finetune of the pretrained world CLIP on the finetune stream plus the given anchors.
 
@@ -80,7 +89,7 @@ def finetune(world: World, weights: Path, recipe: FinetuneRecipe, run_dir: Path,
     """
     L.seed_everything(seed, workers=True)
     model = finetune_config(model)
-    common = dict(backbone="world_clip", pretrained=str(weights), backbone_config=model, lr=recipe.lr,
+    common = dict(backbone="world_clip", pretrained=weights, backbone_config=model, lr=recipe.lr,
                   weight_decay=recipe.weight_decay, warmup_steps=recipe.warmup_steps,
                   channels_last=recipe.channels_last)
     if classifier is not None:
@@ -123,17 +132,29 @@ def wise_curves(pretrained: AnchorFinetuneModule, finetuned: dict[str, AnchorFin
     return pd.DataFrame(rows)
 
 
-def prepare(config: DemoConfig, timings: dict[str, float] | None = None) -> tuple[World, Path, dict[str, Path]]:
-    """The world, its pretrained CLIP and the anchors, each built once and cached under `cache_root()`."""
+def world_clip(world: World, config: DemoConfig) -> str:
+    """The world CLIP the demo finetunes: the shipped one pretrained under this exact world, model and recipe
+    (its tag), else one pretrained here (its cached path); `config.force_pretrain` forces the latter."""
+    tag = shipped.shipped_tag_for(pretrain_key(world, config.model, config.pretrain))
+    if tag is not None and not config.force_pretrain:
+        shipped.world_clip_weights(tag)  # hash check before anything is built on it
+        return tag
+    return str(pretrain_world_clip(world, model_config=config.model, recipe=config.pretrain))
+
+
+def prepare(config: DemoConfig, timings: dict[str, float] | None = None) -> tuple[World, str, dict[str, Path]]:
+    """The world, its pretrained CLIP (a tag or a path) and the anchors, each built once and cached under
+    `cache_root()`."""
     timings = {} if timings is None else timings
     start = time.perf_counter()
     world = generate_world(cache_root() / "worlds", config.world)
-    weights = pretrain_world_clip(world, model_config=config.model, recipe=config.pretrain)
+    weights = world_clip(world, config)
     timings["world_and_pretrain_s"] = time.perf_counter() - start
     start = time.perf_counter()
     key = hashlib.sha256(json.dumps(asdict(config.anchors), sort_keys=True).encode()).hexdigest()[:12]
     anchors = build_anchors(world, weights, config.model, config.anchors,
-                            cache_root() / "anchors" / weights.parent.name / key)
+                            cache_root() / "anchors" / pretrain_key(world, config.model, config.pretrain) / key,
+                            knn=config.ablations, sizes=config.anchor_sizes)
     timings["anchors_s"] = time.perf_counter() - start
     return world, weights, anchors
 
@@ -150,7 +171,7 @@ def fit_args(config: DemoConfig | None = None) -> list[str]:
     eval_sets = [asdict(s) for s in world_eval_sets(world)]
     return [
         "fit", "--seed_everything", str(config.seed),
-        "--model.backbone", "world_clip", "--model.pretrained", str(weights),
+        "--model.backbone", "world_clip", "--model.pretrained", weights,
         "--model.backbone_config", json.dumps(finetune_config(config.model)),
         "--model.caption_weight", str(recipe.caption_weight), "--model.retrieved_weight", str(recipe.retrieved_weight),
         "--model.lr", str(recipe.lr), "--model.weight_decay", str(recipe.weight_decay),
@@ -176,11 +197,11 @@ def run_demo(config: DemoConfig, out: str | Path) -> pd.DataFrame:
     model = finetune_config(config.model)
     # evaluation in the main process: a few thousand decoded 32 px images cost less than starting workers
     eval_data = finetune_data(world, replace(config.finetune, num_workers=0), weights, model)
-    pretrained = AnchorFinetuneModule(backbone="world_clip", pretrained=str(weights), backbone_config=model)
+    pretrained = AnchorFinetuneModule(backbone="world_clip", pretrained=weights, backbone_config=model)
     recorders = {"zeroshot": FeatureRecorder()}
     results = {"zeroshot": evaluate(pretrained, eval_data, recorders["zeroshot"])}
     modules = {}
-    for name, kwargs in methods(anchors, world, config.oracle, config.baselines).items():
+    for name, kwargs in methods(anchors, world, config).items():
         start = time.perf_counter()
         modules[name] = finetune(world, weights, config.finetune, out / "runs" / name, config.seed, config.model,
                                  **kwargs)
@@ -201,7 +222,10 @@ def run_demo(config: DemoConfig, out: str | Path) -> pd.DataFrame:
     plot(table, out / "id_vs_ood.png")
     timings["total_s"] = time.perf_counter() - start_all
     report = {"config": asdict(config), "timings_s": timings, "anchors": {k: str(v) for k, v in anchors.items()},
-              "world": str(world.root), "pretrained": str(weights)}
+              "world": str(world.root), "pretrained": weights,
+              "anchor_pairs": {k: len(read_table(v)) for k, v in anchors.items() if "retrieved" in k or "replay" in k},
+              "caption_quality": {k: json.loads((v.parent / "quality.json").read_text())
+                                  for k, v in anchors.items() if k.startswith("captions")}}
     write_atomic(out / "demo.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1, default=str)))
     return table
 
@@ -224,10 +248,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="retrieved (and replay) pairs per step; default: the finetune batch size")
     parser.add_argument("--oracle", action="store_true", help="also run the oracle-caption ablation")
     parser.add_argument("--baselines", action="store_true", help="also run the LP, FT and LP-FT baselines")
+    parser.add_argument("--ablations", action="store_true",
+                        help="also run each anchor stream alone (generative captions, kNN captions, retrieval)")
+    parser.add_argument("--anchor-sizes", type=int, nargs="*", default=[],
+                        help="also run retrieval and random replay with these k per class (the size curve)")
+    parser.add_argument("--captioner", default=AnchorRecipe.captioner,
+                        help="shipped captioner tag, a BLIP save_pretrained folder, or 'knn'")
+    parser.add_argument("--pretrain", action="store_true",
+                        help="pretrain the world CLIP here even when a shipped one matches (cached)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     world = WorldConfig(seed=args.world_seed, finetune_context_bias=args.context_bias)
     config = DemoConfig(world=world, seed=args.seed, oracle=args.oracle, baselines=args.baselines,
+                        ablations=args.ablations, anchor_sizes=tuple(args.anchor_sizes), force_pretrain=args.pretrain,
+                        anchors=AnchorRecipe(captioner=args.captioner),
                         finetune=FinetuneRecipe(steps=args.steps, caption_weight=args.caption_weight,
                                                 retrieved_weight=args.retrieved_weight,
                                                 retrieved_batch_size=args.retrieved_batch_size),

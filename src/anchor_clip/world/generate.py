@@ -431,6 +431,22 @@ def _remove_dead_builds(root: Path, key: str) -> None:
             pass
 
 
+def draw_split(config: WorldConfig, name: str, out_dir: str | Path) -> Path:
+    """Draw one split of the world alone (e.g. ``eval_id``) into `out_dir` and return its manifest.
+
+    The images and table are those `generate_world` writes for that split: enough to check a shipped world
+    CLIP against its recorded accuracy without drawing the other 70k images.
+    """
+    _, splits = plan_splits(config)
+    split = next((s for s in splits if s.name == name), None)
+    if split is None:
+        raise ValueError(f"the world has no split {name!r}; splits: {[s.name for s in splits]}")
+    out_dir = Path(out_dir)
+    captions = _draw(out_dir, config, [split], os.cpu_count() or 1)
+    _write_tables(out_dir, split, captions[name])
+    return out_dir / f"{name}.csv"
+
+
 def generate_pretraining_corpus(world: World, num_workers: int | None = None) -> Path:
     """Build the world's pretraining corpus under ``<world>/pretrain/``, or reuse it; returns its manifest.
 
