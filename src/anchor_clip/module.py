@@ -254,14 +254,21 @@ class AnchorFinetuneModule(L.LightningModule):
     # -- zero-shot evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
     def build_heads(self) -> None:
-        """Zero-shot heads from the *current* text tower (FLYP): (D, C) per eval set, class × template mean."""
+        """Zero-shot heads from the *current* text tower (FLYP): (D, C) per eval set, class × template mean.
+
+        Sets with the same class names and templates (ImageNet and its shifts) share one head, so its
+        prompts are encoded once.
+        """
         encoder = SimpleNamespace(encode_text=lambda tokens, normalize=True: self.backbone.encode_text(tokens))
-        self.heads = {
-            spec.name: build_zero_shot_classifier(encoder, self.backbone.tokenize, spec.classnames,
-                                                  [lambda c, t=t: t.format(c=c) for t in spec.templates],
-                                                  num_classes_per_batch=64, device=self.device)
-            for spec in self.eval_specs
-        }
+        built: dict[tuple, Tensor] = {}
+        self.heads = {}
+        for spec in self.eval_specs:
+            key = (tuple(spec.classnames), tuple(spec.templates))
+            if key not in built:
+                built[key] = build_zero_shot_classifier(encoder, self.backbone.tokenize, spec.classnames,
+                                                        [lambda c, t=t: t.format(c=c) for t in spec.templates],
+                                                        num_classes_per_batch=64, device=self.device)
+            self.heads[spec.name] = built[key]
 
     def on_validation_epoch_start(self) -> None:
         self.build_heads()
@@ -270,20 +277,21 @@ class AnchorFinetuneModule(L.LightningModule):
         self.build_heads()
 
     def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int, stage: str) -> dict[str, Tensor] | None:
-        """Update the set's accuracy; return the batch's image features for callbacks (e.g. drift)."""
+        """Update the set's accuracy; return the image features and predictions for callbacks (drift, counts)."""
         if "images" not in batch:  # every image of the batch was unreadable (counted by BadDataMonitor)
             return None
         spec = self.eval_specs[dataloader_idx]
         name = spec.name
         features = self.backbone.encode_image(self._layout(batch["images"]))
-        logits = features @ self.heads[name]  # (B, D) @ (D, C_head)
-        if spec.project is not None:
-            logits = spec.project(logits)  # (B, C_head) -> (B, C_set), e.g. ImageNet-R's 200 classes
+        with torch.autocast(features.device.type, enabled=False):  # heads and logits in fp32 at any precision
+            logits = features.float() @ self.heads[name].float()  # (B, D) @ (D, C_head)
+            if spec.project is not None:
+                logits = spec.project(logits)  # (B, C_head) -> (B, C_set), e.g. ImageNet-R's 200 classes
         metric = self.accuracy[name]
         metric.update(logits, batch["labels"])
         self.log(f"{stage}/{name}/acc", metric, on_epoch=True, add_dataloader_idx=False,
                  batch_size=len(logits))
-        return {"features": features}
+        return {"features": features, "predictions": logits.argmax(dim=-1)}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int,
                         dataloader_idx: int = 0) -> dict[str, Tensor] | None:

@@ -37,15 +37,15 @@ from typing import Any
 import pandas as pd
 from torch.utils.data import DataLoader, Dataset
 
-from anchor_clip.anchors.captioners import Captioner, CaptionScorer, check_precision
+from anchor_clip.anchors.captioners import Captioner, CaptionScorer
 from anchor_clip.anchors.embed import (
-    Precision,
     check_fingerprint,
 )
 from anchor_clip.anchors.mentions import mention_rates
 from anchor_clip.backbones.base import ImageTransform
 from anchor_clip.data.images import load_image
 from anchor_clip.data.tables import read_classnames, read_table, resolve_paths, write_json, write_table
+from anchor_clip.precision import Precision, check_precision
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,7 +17,6 @@ from PIL import Image
 from torch import Tensor
 
 from anchor_clip.anchors.embed import (
-    Precision,
     embed_pool,
     load_pool_embeddings,
     resolve_backbone,
@@ -27,21 +25,7 @@ from anchor_clip.anchors.index import CosineIndex, build_index
 from anchor_clip.anchors.mentions import first_consistent
 from anchor_clip.backbones import ClipBackbone, create_backbone
 from anchor_clip.backbones.base import ImageTransform
-
-_DTYPES = {"32": torch.float32, "16": torch.float16, "bf16": torch.bfloat16}
-
-
-def check_precision(precision: str) -> torch.dtype:
-    if precision not in _DTYPES:
-        raise ValueError(f"precision must be one of {list(_DTYPES)}, got {precision!r}")
-    return _DTYPES[precision]
-
-
-def _autocast(device: torch.device, precision: Precision) -> AbstractContextManager:
-    """Mixed precision for CLIP towers: weights stay float32, matmuls run in half precision."""
-    dtype = check_precision(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=precision != "32")
-
+from anchor_clip.precision import Precision, autocast, check_precision
 
 
 class Captioner(ABC):
@@ -287,7 +271,7 @@ class CocaCaptioner(Captioner):
 
     @torch.inference_mode()
     def generate(self, pixels: Tensor, label_names: Sequence[str] | None = None) -> dict[str, list]:
-        with _autocast(self.device, self.precision):
+        with autocast(self.device, self.precision):
             tokens = self.model.generate(
                 pixels.to(self.device),
                 sot_token_id=self.tokenizer.sot_token_id,
@@ -389,7 +373,7 @@ class KnnCaptioner(Captioner):
 
     @torch.inference_mode()
     def generate(self, pixels: Tensor, label_names: Sequence[str] | None = None) -> dict[str, list]:
-        with _autocast(self.device, self.precision):
+        with autocast(self.device, self.precision):
             features = self.backbone.encode_image(pixels.to(self.device))  # (B, D)
         # Half-precision towers leave norms slightly off 1; the index scores inner products as cosines.
         features = F.normalize(features.float(), dim=-1)
@@ -435,7 +419,7 @@ class CaptionScorer:
     @torch.inference_mode()
     def score(self, pixels: Tensor, captions: Sequence[str]) -> list[float]:
         """(B, 3, H, W) images and B captions -> B cosine similarities in [-1, 1]."""
-        with _autocast(self.device, self.precision):
+        with autocast(self.device, self.precision):
             image = self.backbone.encode_image(pixels.to(self.device))
             text = self.backbone.encode_text(self.backbone.tokenize(captions))
         similarity = (F.normalize(image.float(), dim=-1) * F.normalize(text.float(), dim=-1)).sum(-1)  # (B,)

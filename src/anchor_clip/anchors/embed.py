@@ -38,12 +38,12 @@ from torch.utils.data import DataLoader, Dataset
 from anchor_clip.backbones.base import BackboneIO, ClipBackbone
 from anchor_clip.backbones.registry import create_backbone
 from anchor_clip.data.tables import read_table, resolve_paths, write_atomic, write_json, write_table
+from anchor_clip.precision import Precision, autocast
 
 TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 #: Columns of a webdataset pool row that locate the sample inside its tar, not data about the pair.
 TAR_COLUMNS = ("tar", "member", "offset", "size")
-Precision = Literal["32", "bf16", "16"]
 
 # An image is a file path, or (tar path, byte offset, byte size) of a member inside an uncompressed tar.
 ImageRef = str | tuple[str, int, int]
@@ -199,13 +199,6 @@ class ImageTextDataset(Dataset):
         return item
 
 
-def _autocast(device: torch.device, precision: Precision):
-    dtypes = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
-    if precision not in dtypes:
-        raise ValueError(f"precision must be one of {list(dtypes)}, got {precision!r}")
-    return torch.autocast(device.type, dtype=dtypes[precision] or torch.float32, enabled=precision != "32")
-
-
 @torch.no_grad()
 def encode_dataset(
     model: ClipBackbone,
@@ -228,7 +221,7 @@ def encode_dataset(
     )
     images, texts = [], []
     for batch in loader:
-        with _autocast(device, precision):
+        with autocast(device, precision):
             images.append(model.encode_image(batch["image"].to(device, non_blocking=True)))
             if "tokens" in batch:
                 texts.append(model.encode_text(batch["tokens"].to(device, non_blocking=True)))

@@ -32,7 +32,6 @@ import torch
 from anchor_clip.anchors.embed import (
     TAR_COLUMNS,
     PoolEmbeddings,
-    Precision,
     embed_images,
     embed_pool,
     read_image_bytes,
@@ -50,6 +49,7 @@ from anchor_clip.anchors.select import (
 )
 from anchor_clip.backbones.base import ClipBackbone
 from anchor_clip.data.tables import read_classnames, read_table, resolve_paths, write_json, write_table
+from anchor_clip.precision import Precision
 
 #: One query per style, so each style gets k / 4 of a class's anchors (see the module docstring).
 DEFAULT_TEMPLATES = ("a photo of a {c}.", "a sketch of a {c}.", "a cartoon of a {c}.", "a painting of a {c}.")
