@@ -29,7 +29,8 @@ from jsonargparse import CLI
 from torch import Tensor
 
 from anchor_clip.backbones import create_backbone
-from anchor_clip.eval.datasets import EvalDataset, build_eval_dataset, dataset_info, from_eval_set
+from anchor_clip.eval.datasets import EvalDataset, from_eval_set
+from anchor_clip.eval.registry import build_eval_dataset, dataset_info
 from anchor_clip.eval.tables import append_jsonl, results_table, to_markdown, write_results_table
 from anchor_clip.eval.zeroshot import EvalSets, evaluate_zero_shot
 from anchor_clip.module import AnchorFinetuneModule

@@ -29,15 +29,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from anchor_clip.anchors.embed import (
-    TAR_COLUMNS,
-    PoolEmbeddings,
-    embed_images,
-    embed_pool,
-    read_image_bytes,
-    resolve_backbone,
-)
+from anchor_clip.anchors.embed import PoolEmbeddings, embed_images, embed_pool, resolve_backbone
 from anchor_clip.anchors.index import build_index, normalize
+from anchor_clip.anchors.pool import TAR_COLUMNS, read_image_bytes
 from anchor_clip.anchors.select import (
     Modality,
     class_prompts,
