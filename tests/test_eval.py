@@ -18,8 +18,9 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from anchor_clip.eval import build_eval_dataset, dataset_info, list_datasets, masks
-from anchor_clip.eval.datasets import TRANSFER_SETS, EvalDataset
+from anchor_clip.eval.datasets import EvalDataset
 from anchor_clip.eval.masks import ClassSubset, PooledClasses
+from anchor_clip.eval.readers.transfer import TRANSFER_SETS
 from anchor_clip.eval.tables import append_jsonl, load_results, results_table, write_results_table
 from anchor_clip.evaluate import evaluate_module, main
 from anchor_clip.fit import cli_main

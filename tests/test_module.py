@@ -3,22 +3,7 @@
 import pytest
 import torch
 
-from anchor_clip.module import AnchorFinetuneModule
-from tests.conftest import TINY_OPEN_CLIP
-from tests.test_data import make_datamodule
-
-
-def make_module(**overrides) -> AnchorFinetuneModule:
-    torch.manual_seed(0)
-    kwargs = dict(backbone="open_clip", backbone_config=TINY_OPEN_CLIP, caption_weight=0.5, retrieved_weight=0.5)
-    kwargs.update(overrides)
-    return AnchorFinetuneModule(**kwargs).eval()  # eval: no dropout, so two passes give equal features
-
-
-@pytest.fixture(scope="module")
-def batch(tiny_data):
-    batch, _, _ = next(iter(make_datamodule(tiny_data).train_dataloader()))
-    return batch
+from tests.conftest import make_module
 
 
 def _count_calls(module):

@@ -490,7 +490,7 @@ def test_batch_size_is_per_process_and_the_global_batch_must_fit_the_stream(tiny
 
 
 def test_unknown_evaluation_dataset_lists_the_registered_ones():
-    from anchor_clip.eval.datasets import dataset_info
+    from anchor_clip.eval import dataset_info
 
     with pytest.raises(ValueError, match=r"unknown evaluation dataset 'imagenet_rr'; available: .*Did you mean"):
         dataset_info("imagenet_rr")
