@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from anchor_clip import AnchorDataModule, AnchorFinetuneModule
 from tests.conftest import make_module
 
 
@@ -136,3 +137,10 @@ def test_channels_last_layout_gives_the_same_loss_and_gradients():
         or encode(x)
     _assert_same_step(*(_loss_and_grads(m, world_batch) for m in modules), atol=1e-5)
     assert layouts == [True]  # the inputs were converted too
+
+
+def test_a_module_without_a_backbone_names_the_registered_families():
+    with pytest.raises(ValueError, match=r"model.backbone is not set; .*'open_clip'.*'world_clip'"):
+        AnchorFinetuneModule()
+    with pytest.raises(ValueError, match=r"data.backbone .* is not set"):
+        AnchorDataModule(retrieved="pairs.csv")

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import get_cosine_schedule_with_warmup
 
-from anchor_clip.backbones import ClipBackbone, create_backbone
+from anchor_clip.backbones import ClipBackbone, check_spec, create_backbone
 from anchor_clip.callbacks import BadDataMonitor
 from anchor_clip.losses import ARFLoss
 from anchor_clip.specs import EvalSpec
@@ -31,7 +31,7 @@ class AnchorFinetuneModule(L.LightningModule):
     skipped and stops a stream with too many (docs/reliability.md).
 
     Args:
-        backbone: registry spec, e.g. ``open_clip:ViT-B-16`` or ``world_clip``.
+        backbone: registry spec, e.g. ``open_clip:ViT-B-16`` or ``world_clip``; required (no default family).
         pretrained: pretrained tag or local checkpoint of the backbone; None = random init.
         backbone_config: model config dict instead of a named model (tiny test models, custom sizes).
         caption_weight: λ_cap of the caption-anchor loss; 0 skips the stream.
@@ -61,7 +61,7 @@ class AnchorFinetuneModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: str = "world_clip",
+        backbone: str | None = None,
         pretrained: str | None = None,
         backbone_config: dict[str, Any] | None = None,
         caption_weight: float = 0.0,
@@ -107,7 +107,8 @@ class AnchorFinetuneModule(L.LightningModule):
     def build_backbone(self) -> ClipBackbone:
         """Create the backbone; override to bring a model that is not in the registry."""
         hp = self.hparams
-        return create_backbone(hp.backbone, pretrained=hp.pretrained, config=hp.backbone_config)
+        spec = check_spec(hp.backbone, "model.backbone")
+        return create_backbone(spec, pretrained=hp.pretrained, config=hp.backbone_config)
 
     def encode_streams(self, batch: dict[str, dict[str, Tensor]]) -> Pairs:
         """Encode every active stream of a batch into (image_features, text_features) pairs.

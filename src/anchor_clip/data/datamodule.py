@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from anchor_clip.backbones import create_io
+from anchor_clip.backbones import check_spec, create_io
 from anchor_clip.backbones.base import BackboneIO, Tokenizer
 from anchor_clip.data.finetune import FinetuneImages
 from anchor_clip.data.images import LabelledImages
@@ -110,7 +110,7 @@ class AnchorDataModule(L.LightningDataModule):
             take at most this many MB (small images, whose file read and decode cost more than their transform);
             0 reads the files every epoch. Evaluation sets are decoded likewise when first loaded, so repeated
             evaluations read their files once. The tensors are the same either way.
-        backbone: backbone spec, linked from `model.backbone` by the CLI.
+        backbone: backbone spec, linked from `model.backbone` by the CLI; required (no default family).
         backbone_config: backbone config dict, linked from `model.backbone_config`.
         pretrained: pretrained tag or checkpoint, linked from `model.pretrained` (its preprocessing may differ).
     """
@@ -130,7 +130,7 @@ class AnchorDataModule(L.LightningDataModule):
         num_workers: int = 2,
         max_bad_fraction: float = 0.01,
         decoded_cache_mb: float = 0.0,
-        backbone: str = "world_clip",
+        backbone: str | None = None,
         backbone_config: dict[str, Any] | None = None,
         pretrained: str | None = None,
     ) -> None:
@@ -142,6 +142,7 @@ class AnchorDataModule(L.LightningDataModule):
             raise ValueError("data.classnames is required with data.finetune (a list or a file, one name per line)")
         if captions is not None and finetune is None:
             raise ValueError("data.captions pairs captions with the finetune images: set data.finetune too")
+        check_spec(backbone, "data.backbone (linked from model.backbone by the CLI)")
         sizes = {"data.batch_size": batch_size, "data.retrieved_batch_size": retrieved_batch_size,
                  "data.eval_batch_size": eval_batch_size}
         bad = {k: v for k, v in sizes.items() if v is not None and (not isinstance(v, int) or v < 1)}
