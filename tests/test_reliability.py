@@ -24,11 +24,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from anchor_clip.callbacks import AtomicCheckpointIO
+from anchor_clip.checkpoint_io import AtomicCheckpointIO
 from anchor_clip.data import AnchorDataModule, EvalSet
-from anchor_clip.data.robust import SKIPPED, GuardedItems, UnreadableImageWarning
 from anchor_clip.data.sampling import StreamSampler
 from anchor_clip.data.tables import write_table
+from anchor_clip.data.unreadable import SKIPPED, GuardedItems, UnreadableImageWarning
 from anchor_clip.fit import cli_main
 from anchor_clip.module import AnchorFinetuneModule
 from tests.conftest import CLASSES, TINY_OPEN_CLIP

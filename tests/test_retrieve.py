@@ -21,10 +21,10 @@ from anchor_clip.anchors.embed import embed_pool, load_pool_embeddings
 from anchor_clip.anchors.index import brute_force_search, build_index, choose_factory
 from anchor_clip.anchors.retrieve import HISTOGRAM_NAME, MANIFEST_NAME, REPORT_NAME, main, retrieval_report, retrieve
 from anchor_clip.anchors.select import (
-    class_prompts,
     class_quotas,
     modality_vectors,
     near_duplicate_filter,
+    query_prompts,
     select_anchors,
 )
 from anchor_clip.data.tables import read_table
@@ -227,8 +227,8 @@ def test_both_modality_scores_are_the_mean_of_image_and_text_cosines():
 
 def test_templates_without_class_placeholder_are_rejected():
     with pytest.raises(ValueError, match="placeholder"):
-        class_prompts(["dog"], ["a photo of a dog."])
-    assert class_prompts(["dog", "cat"], ["a {c}.", "the {c}!"]) == ["a dog.", "the dog!", "a cat.", "the cat!"]
+        query_prompts(["dog"], ["a photo of a dog."])
+    assert query_prompts(["dog", "cat"], ["a {c}.", "the {c}!"]) == ["a dog.", "the dog!", "a cat.", "the cat!"]
 
 
 def test_report_precision_counts_pool_labels_of_target_classes():

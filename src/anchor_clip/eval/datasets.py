@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from anchor_clip.backbones.base import ImageTransform
 from anchor_clip.data.images import LabelledImages, load_image
 from anchor_clip.data.tables import check_templates
-from anchor_clip.eval.masks import LogitProjection
+from anchor_clip.eval.projections import LogitProjection
 from anchor_clip.specs import EvalSet, EvalSpec
 
 

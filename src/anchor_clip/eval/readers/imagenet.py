@@ -8,9 +8,9 @@ from PIL import Image, ImageOps
 
 from anchor_clip.backbones.base import ImageTransform
 from anchor_clip.data.images import load_image
-from anchor_clip.eval import masks
+from anchor_clip.eval import projections
 from anchor_clip.eval.datasets import OPENAI_TEMPLATES, EvalDataset, LayoutError
-from anchor_clip.eval.masks import ClassSubset, PooledClasses
+from anchor_clip.eval.projections import ClassSubset, PooledClasses
 from anchor_clip.eval.readers.layout import (
     check_wnids,
     class_folders,
@@ -25,7 +25,7 @@ def _full_imagenet(name: str, base: Path, transform: ImageTransform | None) -> E
     folders = class_folders(base)
     check_wnids(folders, base)
     paths, labels = folder_samples(base, folders)
-    return EvalDataset(name, paths, labels, masks.imagenet_classnames(), OPENAI_TEMPLATES, transform)
+    return EvalDataset(name, paths, labels, projections.imagenet_classnames(), OPENAI_TEMPLATES, transform)
 
 
 @register_dataset("imagenet", benchmark="imagenet", role="id", layout="""
@@ -52,7 +52,7 @@ def _imagenet_sketch(name: str, root: Path, transform: ImageTransform | None) ->
     1/*.jpeg
     ...""")
 def _imagenet_v2(name: str, root: Path, transform: ImageTransform | None) -> EvalDataset:
-    classnames = masks.imagenet_classnames()
+    classnames = projections.imagenet_classnames()
     folders = class_folders(root)
     if not all(f.isdigit() and int(f) < len(classnames) for f in folders):
         odd = [f for f in folders if not (f.isdigit() and int(f) < len(classnames))]
@@ -65,12 +65,12 @@ def _imagenet_v2(name: str, root: Path, transform: ImageTransform | None) -> Eva
 def _imagenet_subset(name: str, root: Path, transform: ImageTransform | None) -> EvalDataset:
     """ImageNet-A/R: the classes are the wnid folders present (200 in the releases), scored on the 1000-way head."""
     folders = class_folders(root)
-    position = {wnid: i for i, wnid in enumerate(masks.imagenet_wnids())}
+    position = {wnid: i for i, wnid in enumerate(projections.imagenet_wnids())}
     unknown = [f for f in folders if f not in position]
     if unknown:
         raise LayoutError(f"folders {unknown[:5]} are not ImageNet wnids")
     indices = [position[f] for f in folders]
-    head = masks.imagenet_classnames()
+    head = projections.imagenet_classnames()
     paths, labels = folder_samples(root, folders)
     return EvalDataset(name, paths, labels, [head[i] for i in indices], OPENAI_TEMPLATES, transform,
                        head_classnames=head, project=ClassSubset(indices, len(head)))
@@ -104,8 +104,8 @@ def _objectnet(name: str, root: Path, transform: ImageTransform | None) -> EvalD
     for file in ("folder_to_objectnet_label.json", "objectnet_to_imagenet_1k.json", "imagenet_to_label_2012_v2",
                  "pytorch_to_imagenet_2012_id.json"):
         require_file(mappings / file)
-    head = masks.imagenet_classnames()
-    folders, labels, groups = masks.objectnet_classes(mappings, len(head))
+    head = projections.imagenet_classnames()
+    folders, labels, groups = projections.objectnet_classes(mappings, len(head))
     paths, positions = folder_samples(require_dir(root / "images"), folders)
     return EvalDataset(name, paths, positions, labels, OPENAI_TEMPLATES, transform, head_classnames=head,
                        project=PooledClasses(groups, len(head)), loader=_load_without_border)

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from anchor_clip.eval import masks
+from anchor_clip.eval import projections
 from anchor_clip.eval.datasets import LayoutError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -49,7 +49,7 @@ def folder_samples(base: Path, folders: Sequence[str]) -> tuple[list[str], list[
 
 
 def check_wnids(folders: Sequence[str], where: Path) -> None:
-    wnids = masks.imagenet_wnids()
+    wnids = projections.imagenet_wnids()
     if list(folders) != wnids:
         missing, extra = sorted(set(wnids) - set(folders)), sorted(set(folders) - set(wnids))
         raise LayoutError(f"{str(where)!r} must hold one folder per ImageNet class ({len(wnids)} wnids); found "
