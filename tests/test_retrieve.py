@@ -336,7 +336,7 @@ def test_killed_embedding_resumes_to_the_same_embeddings_and_manifest(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         retrieve(out_dir=str(tmp_path / "killed"), **job)
     shards = tmp_path / "killed" / "pool_embeddings"
-    assert json.loads((shards / "index.json").read_text())["finished"] == [0]
+    assert list(json.loads((shards / "index-00000.json").read_text())["shards"]) == ["0"]
     assert (shards / "image_00001.npy").exists() and not (shards / "text_00001.npy").exists()
     with pytest.raises(ValueError, match="not embedded yet"):
         load_pool_embeddings(shards)
@@ -432,3 +432,11 @@ def test_module_entry_point_prints_help():
     assert result.returncode == 0, result.stderr
     for flag in ("--pool", "--classnames", "--k", "--modality", "--index_factory", "--nprobe", "--exclude_manifests"):
         assert flag in result.stdout
+
+
+def test_pool_embeddings_from_the_single_index_layout_still_load(tmp_path):
+    from anchor_clip.anchors.shards import ShardIndex
+
+    fingerprint = {"kind": "manifest", "n_shards": 1, "backbone": "b"}
+    (tmp_path / "index.json").write_text(json.dumps({"fingerprint": fingerprint, "finished": [0]}))
+    assert list(ShardIndex(tmp_path, fingerprint, "embeddings").finished()) == [0]

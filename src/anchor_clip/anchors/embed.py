@@ -3,12 +3,12 @@
 A pool is a pair manifest or webdataset tar shards (read by `anchors.pool`). Pools run to millions of
 pairs, so the job writes its output in shards under `out_dir`:
 
-    out_dir/index.json            what was embedded with what, and which shards are finished
+    out_dir/index-00000.json      what was embedded with what, and which shards are finished (`anchors.shards`)
     out_dir/image_00000.npy       (n, D) float32 L2-normalized image features of shard 0
     out_dir/text_00000.npy        (n, D) float32 L2-normalized caption features of shard 0
     out_dir/meta_00000.parquet    the shard's pool rows (filepath/caption/extra columns, or tar offsets)
 
-Every file is written to a temporary name and renamed into place, and a shard is listed in index.json
+Every file is written to a temporary name and renamed into place, and a shard is listed in the index
 only after its three files are in place, so a killed job leaves no half shard and a re-run skips
 finished shards. Manifest pools are cut into `shard_size` rows; a tar file is one shard.
 """
@@ -28,9 +28,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from anchor_clip.anchors.pool import ImageTextDataset, PoolSource, image_refs, read_manifest_pool, scan_tar
+from anchor_clip.anchors.shards import ShardIndex, read_indexes
 from anchor_clip.backbones.base import BackboneIO, ClipBackbone
 from anchor_clip.backbones.registry import create_backbone
-from anchor_clip.data.tables import read_table, write_atomic, write_json, write_table
+from anchor_clip.data.tables import read_table, write_atomic, write_table
 from anchor_clip.precision import Precision, autocast
 
 
@@ -127,30 +128,11 @@ def _shard_files(out_dir: Path, shard: int) -> dict[str, Path]:
 
 
 def _save_shard(out_dir: Path, shard: int, image: np.ndarray, text: np.ndarray, rows: pd.DataFrame) -> None:
-    """Write one shard's three files, each atomically (index.json is updated by the caller afterwards)."""
+    """Write one shard's three files, each atomically (the caller lists it in the index afterwards)."""
     files = _shard_files(out_dir, shard)
     _save_npy(files["image"], image)
     _save_npy(files["text"], text)
     write_table(rows.reset_index(drop=True), files["meta"])
-
-
-def check_fingerprint(stored: dict, expected: dict, out_dir: Path, what: str) -> None:
-    """Refuse to resume a sharded job whose finished shards were made with other settings."""
-    if stored != expected:
-        changed = sorted(k for k in expected if stored.get(k) != expected[k])
-        raise ValueError(
-            f"{out_dir} holds {what} of a different job (differs in {changed}); resuming would mix "
-            "them. Use another output directory, or delete this one to start over."
-        )
-
-
-def _load_state(out_dir: Path, fingerprint: dict) -> dict:
-    index_file = out_dir / "index.json"
-    if not index_file.exists():
-        return {"fingerprint": fingerprint, "finished": []}
-    state = json.loads(index_file.read_text())
-    check_fingerprint(state["fingerprint"], fingerprint, out_dir, "embeddings")
-    return state
 
 
 def embed_pool(
@@ -207,8 +189,9 @@ def embed_pool(
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = _load_state(out, fingerprint)
-    todo = [s for s in range(n_shards) if s not in state["finished"]]
+    index = ShardIndex(out, fingerprint, "embeddings")
+    finished = index.finished()
+    todo = [s for s in range(n_shards) if s not in finished]
     if todo:
         was_training = model.training
         model.eval().to(device)
@@ -229,8 +212,7 @@ def embed_pool(
             dataset = ImageTextDataset(image_refs(rows), list(rows["caption"]), model_io)
             image, text = encode_dataset(model, dataset, batch_size, num_workers, device, precision)
             _save_shard(out, shard, image, text, rows)
-            state["finished"] = sorted([*state["finished"], shard])
-            write_json(state, out / "index.json")
+            index.commit(shard, {"rows": len(rows)})
             if on_shard_done is not None:
                 on_shard_done(shard)
         model.train(was_training)
@@ -240,12 +222,13 @@ def embed_pool(
 def load_pool_embeddings(out_dir: str | os.PathLike) -> PoolEmbeddings:
     """Concatenate the shards of a finished `embed_pool` run (raises if shards are still missing)."""
     out = Path(out_dir)
-    index_file = out / "index.json"
-    if not index_file.exists():
-        raise ValueError(f"{out} has no index.json; run embed_pool on the pool first")
-    state = json.loads(index_file.read_text())
-    n_shards = state["fingerprint"]["n_shards"]
-    missing = sorted(set(range(n_shards)) - set(state["finished"]))
+    indexes = read_indexes(out)
+    if not indexes:
+        raise ValueError(f"{out} has no index-*.json; run embed_pool on the pool first")
+    fingerprint = next(iter(indexes.values()))["fingerprint"]
+    finished = ShardIndex(out, fingerprint, "embeddings").finished()
+    n_shards = fingerprint["n_shards"]
+    missing = sorted(set(range(n_shards)) - set(finished))
     if missing:
         raise ValueError(f"{out}: shards {missing[:10]} of {n_shards} are not embedded yet; re-run embed_pool")
     files = [_shard_files(out, s) for s in range(n_shards)]
@@ -253,8 +236,8 @@ def load_pool_embeddings(out_dir: str | os.PathLike) -> PoolEmbeddings:
         image=np.concatenate([np.load(f["image"]) for f in files]),
         text=np.concatenate([np.load(f["text"]) for f in files]),
         rows=pd.concat([read_table(f["meta"]) for f in files], ignore_index=True),
-        kind=state["fingerprint"]["kind"],
-        backbone=state["fingerprint"]["backbone"],
+        kind=fingerprint["kind"],
+        backbone=fingerprint["backbone"],
     )
 
 
