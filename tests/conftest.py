@@ -7,7 +7,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
+
+from anchor_clip import AnchorDataModule, AnchorFinetuneModule, EvalSet
 
 # A 2-layer ViT over 32 px images with CLIP's BPE vocabulary: random init, no download, ~7 M params.
 TINY_OPEN_CLIP = {
@@ -74,3 +77,40 @@ def tiny_data(tmp_path_factory) -> dict[str, str]:
         "eval_id": str(root / "eval_id.csv"),
         "eval_zs": str(root / "eval_zs.csv"),
     }
+
+
+def make_datamodule(tiny_data, **overrides) -> AnchorDataModule:
+    """The tiny data module over `tiny_data` (all three streams, an ID and an unseen-class set), set up for fit."""
+    kwargs = dict(
+        finetune=tiny_data["finetune"],
+        classnames=tiny_data["classnames"],
+        captions=tiny_data["captions"],
+        retrieved=tiny_data["retrieved"],
+        eval_sets=[
+            EvalSet("id", tiny_data["eval_id"], tiny_data["classnames"]),
+            EvalSet("zs", tiny_data["eval_zs"], CLASSES[2:], templates=["a {c}."]),
+        ],
+        batch_size=8,
+        retrieved_batch_size=6,
+        num_workers=0,
+        backbone="open_clip",
+        backbone_config=TINY_OPEN_CLIP,
+    )
+    kwargs.update(overrides)
+    dm = AnchorDataModule(**kwargs)
+    dm.setup("fit")
+    return dm
+
+
+def make_module(**overrides) -> AnchorFinetuneModule:
+    """A tiny open_clip ARF module (both anchor weights 0.5), seeded, in eval mode."""
+    torch.manual_seed(0)
+    kwargs = dict(backbone="open_clip", backbone_config=TINY_OPEN_CLIP, caption_weight=0.5, retrieved_weight=0.5)
+    kwargs.update(overrides)
+    return AnchorFinetuneModule(**kwargs).eval()  # eval: no dropout, so two passes give equal features
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_data):
+    batch, _, _ = next(iter(make_datamodule(tiny_data).train_dataloader()))
+    return batch

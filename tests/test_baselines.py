@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from anchor_clip.baselines import ClassifierFinetuneModule
-from tests.conftest import TINY_OPEN_CLIP
-from tests.test_data import make_datamodule
+from tests.conftest import TINY_OPEN_CLIP, make_datamodule
 
 
 def fit(tiny_data, tmp_path, steps=3, **kwargs):

@@ -8,29 +8,7 @@ from PIL import Image
 
 from anchor_clip.data import AnchorDataModule, EvalSet
 from anchor_clip.data.images import load_image
-from tests.conftest import CLASSES, TINY_OPEN_CLIP
-
-
-def make_datamodule(tiny_data, **overrides) -> AnchorDataModule:
-    kwargs = dict(
-        finetune=tiny_data["finetune"],
-        classnames=tiny_data["classnames"],
-        captions=tiny_data["captions"],
-        retrieved=tiny_data["retrieved"],
-        eval_sets=[
-            EvalSet("id", tiny_data["eval_id"], tiny_data["classnames"]),
-            EvalSet("zs", tiny_data["eval_zs"], CLASSES[2:], templates=["a {c}."]),
-        ],
-        batch_size=8,
-        retrieved_batch_size=6,
-        num_workers=0,
-        backbone="open_clip",
-        backbone_config=TINY_OPEN_CLIP,
-    )
-    kwargs.update(overrides)
-    dm = AnchorDataModule(**kwargs)
-    dm.setup("fit")
-    return dm
+from tests.conftest import CLASSES, make_datamodule
 
 
 def test_train_batches_carry_every_stream_with_its_own_batch_size(tiny_data):

@@ -21,6 +21,13 @@ from tests.conftest import TINY_WORLD_CLIP
 
 METHODS = {"zeroshot", "lp", "ft", "lp_ft", "flyp", "arf_caption", "arf_retrieval", "arf", "replay", "oracle_caption",
            "wise_flyp_0.5"}
+#: What the first table each notebook displays must hold: the demo's methods, or the retrieval report's fields.
+NOTEBOOK_SHOWS = {
+    "results": sorted(METHODS),
+    "wise_curves": ["flyp", "arf", "alpha", "ood_avg"],
+    "feature_drift": sorted(METHODS - {"zeroshot", "wise_flyp_0.5"}),
+    "anchors": ["'size'"],
+}
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
@@ -108,7 +115,11 @@ def test_notebook_renders_the_demo_outputs(demo, notebook, monkeypatch):
     nb = nbformat.read(notebook, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}}
                    ).execute()
-    assert all(cell.get("outputs") is not None for cell in nb.cells if cell.cell_type == "code")
+    tables = [output["data"]["text/plain"] for cell in nb.cells if cell.cell_type == "code"
+              for output in cell.outputs if output.output_type == "execute_result"]
+    assert tables, f"{notebook.name} displayed nothing"
+    for expected in NOTEBOOK_SHOWS[notebook.stem]:
+        assert expected in tables[0], f"{notebook.name}: {expected!r} not in its first table:\n{tables[0]}"
 
 
 def test_loader_throughput_times_the_worlds_arf_loader_and_step(demo, monkeypatch):

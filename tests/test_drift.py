@@ -37,8 +37,7 @@ def test_recorder_keeps_the_features_validation_computed_for_every_image_in_orde
     import lightning as L
 
     from anchor_clip.eval.drift import FeatureRecorder
-    from tests.test_data import make_datamodule
-    from tests.test_module import make_module
+    from tests.conftest import make_datamodule, make_module
 
     data, module = make_datamodule(tiny_data, eval_batch_size=5), make_module()
     recorder = FeatureRecorder()

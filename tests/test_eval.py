@@ -17,9 +17,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from anchor_clip.eval import build_eval_dataset, dataset_info, list_datasets, masks
-from anchor_clip.eval.datasets import TRANSFER_SETS, EvalDataset
-from anchor_clip.eval.masks import ClassSubset, PooledClasses
+from anchor_clip.eval import build_eval_dataset, dataset_info, list_datasets, projections
+from anchor_clip.eval.datasets import EvalDataset
+from anchor_clip.eval.projections import ClassSubset, PooledClasses
+from anchor_clip.eval.readers.transfer import TRANSFER_SETS
 from anchor_clip.eval.tables import append_jsonl, load_results, results_table, write_results_table
 from anchor_clip.evaluate import evaluate_module, main
 from anchor_clip.fit import cli_main
@@ -35,8 +36,8 @@ TO_TENSOR = transforms.Compose([transforms.Resize((8, 8)), transforms.ToTensor()
 @pytest.fixture
 def imagenet_space(monkeypatch):
     """A six-class stand-in for the 1000-class ImageNet label space."""
-    monkeypatch.setattr(masks, "imagenet_wnids", lambda: list(FAKE_WNIDS))
-    monkeypatch.setattr(masks, "imagenet_classnames", lambda: list(FAKE_NAMES))
+    monkeypatch.setattr(projections, "imagenet_wnids", lambda: list(FAKE_WNIDS))
+    monkeypatch.setattr(projections, "imagenet_classnames", lambda: list(FAKE_NAMES))
 
 
 def image(path: Path, label: int, size: tuple[int, int] = (12, 10)) -> Path:

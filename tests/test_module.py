@@ -3,22 +3,8 @@
 import pytest
 import torch
 
-from anchor_clip.module import AnchorFinetuneModule
-from tests.conftest import TINY_OPEN_CLIP
-from tests.test_data import make_datamodule
-
-
-def make_module(**overrides) -> AnchorFinetuneModule:
-    torch.manual_seed(0)
-    kwargs = dict(backbone="open_clip", backbone_config=TINY_OPEN_CLIP, caption_weight=0.5, retrieved_weight=0.5)
-    kwargs.update(overrides)
-    return AnchorFinetuneModule(**kwargs).eval()  # eval: no dropout, so two passes give equal features
-
-
-@pytest.fixture(scope="module")
-def batch(tiny_data):
-    batch, _, _ = next(iter(make_datamodule(tiny_data).train_dataloader()))
-    return batch
+from anchor_clip import AnchorDataModule, AnchorFinetuneModule
+from tests.conftest import make_module
 
 
 def _count_calls(module):
@@ -151,3 +137,10 @@ def test_channels_last_layout_gives_the_same_loss_and_gradients():
         or encode(x)
     _assert_same_step(*(_loss_and_grads(m, world_batch) for m in modules), atol=1e-5)
     assert layouts == [True]  # the inputs were converted too
+
+
+def test_a_module_without_a_backbone_names_the_registered_families():
+    with pytest.raises(ValueError, match=r"model.backbone is not set; .*'open_clip'.*'world_clip'"):
+        AnchorFinetuneModule()
+    with pytest.raises(ValueError, match=r"data.backbone .* is not set"):
+        AnchorDataModule(retrieved="pairs.csv")

@@ -24,11 +24,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from anchor_clip.callbacks import AtomicCheckpointIO
+from anchor_clip.checkpoint_io import AtomicCheckpointIO
 from anchor_clip.data import AnchorDataModule, EvalSet
-from anchor_clip.data.robust import SKIPPED, GuardedItems, UnreadableImageWarning
 from anchor_clip.data.sampling import StreamSampler
 from anchor_clip.data.tables import write_table
+from anchor_clip.data.unreadable import SKIPPED, GuardedItems, UnreadableImageWarning
 from anchor_clip.fit import cli_main
 from anchor_clip.module import AnchorFinetuneModule
 from tests.conftest import CLASSES, TINY_OPEN_CLIP
@@ -490,7 +490,7 @@ def test_batch_size_is_per_process_and_the_global_batch_must_fit_the_stream(tiny
 
 
 def test_unknown_evaluation_dataset_lists_the_registered_ones():
-    from anchor_clip.eval.datasets import dataset_info
+    from anchor_clip.eval import dataset_info
 
     with pytest.raises(ValueError, match=r"unknown evaluation dataset 'imagenet_rr'; available: .*Did you mean"):
         dataset_info("imagenet_rr")

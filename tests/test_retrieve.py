@@ -21,10 +21,10 @@ from anchor_clip.anchors.embed import embed_pool, load_pool_embeddings
 from anchor_clip.anchors.index import brute_force_search, build_index, choose_factory
 from anchor_clip.anchors.retrieve import HISTOGRAM_NAME, MANIFEST_NAME, REPORT_NAME, main, retrieval_report, retrieve
 from anchor_clip.anchors.select import (
-    class_prompts,
     class_quotas,
     modality_vectors,
     near_duplicate_filter,
+    query_prompts,
     select_anchors,
 )
 from anchor_clip.data.tables import read_table
@@ -227,8 +227,8 @@ def test_both_modality_scores_are_the_mean_of_image_and_text_cosines():
 
 def test_templates_without_class_placeholder_are_rejected():
     with pytest.raises(ValueError, match="placeholder"):
-        class_prompts(["dog"], ["a photo of a dog."])
-    assert class_prompts(["dog", "cat"], ["a {c}.", "the {c}!"]) == ["a dog.", "the dog!", "a cat.", "the cat!"]
+        query_prompts(["dog"], ["a photo of a dog."])
+    assert query_prompts(["dog", "cat"], ["a {c}.", "the {c}!"]) == ["a dog.", "the dog!", "a cat.", "the cat!"]
 
 
 def test_report_precision_counts_pool_labels_of_target_classes():
@@ -336,7 +336,7 @@ def test_killed_embedding_resumes_to_the_same_embeddings_and_manifest(tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         retrieve(out_dir=str(tmp_path / "killed"), **job)
     shards = tmp_path / "killed" / "pool_embeddings"
-    assert json.loads((shards / "index.json").read_text())["finished"] == [0]
+    assert list(json.loads((shards / "index-00000.json").read_text())["shards"]) == ["0"]
     assert (shards / "image_00001.npy").exists() and not (shards / "text_00001.npy").exists()
     with pytest.raises(ValueError, match="not embedded yet"):
         load_pool_embeddings(shards)
@@ -432,3 +432,11 @@ def test_module_entry_point_prints_help():
     assert result.returncode == 0, result.stderr
     for flag in ("--pool", "--classnames", "--k", "--modality", "--index_factory", "--nprobe", "--exclude_manifests"):
         assert flag in result.stdout
+
+
+def test_pool_embeddings_from_the_single_index_layout_still_load(tmp_path):
+    from anchor_clip.anchors.shards import ShardIndex
+
+    fingerprint = {"kind": "manifest", "n_shards": 1, "backbone": "b"}
+    (tmp_path / "index.json").write_text(json.dumps({"fingerprint": fingerprint, "finished": [0]}))
+    assert list(ShardIndex(tmp_path, fingerprint, "embeddings").finished()) == [0]

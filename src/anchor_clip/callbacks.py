@@ -1,22 +1,18 @@
-"""Lightning extensions that keep a long run honest: bad-data accounting and atomic checkpoint files.
+"""Lightning callbacks that keep a long run honest: bad-data accounting.
 
-`AnchorFinetuneModule.configure_callbacks` adds `BadDataMonitor` to every trainer that runs the module;
-`anchor_clip.fit` passes `AtomicCheckpointIO` to its trainer (pass it to your own `Trainer(plugins=...)`).
+`AnchorFinetuneModule.configure_callbacks` adds `BadDataMonitor` to every trainer that runs the module.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.fabric.plugins import TorchCheckpointIO
 
 from anchor_clip.data.datamodule import DataSource
-from anchor_clip.data.robust import SKIPPED, UnreadableImageWarning
-from anchor_clip.data.tables import write_atomic
+from anchor_clip.data.unreadable import SKIPPED, UnreadableImageWarning
 
 DEFAULT_MAX_BAD_FRACTION = 0.01
 
@@ -24,7 +20,7 @@ DEFAULT_MAX_BAD_FRACTION = 0.01
 class BadDataMonitor(L.Callback):
     """Counts the images each stream skipped, logs `data/skipped_<stream>`, and stops a run with too many.
 
-    The loaders record the files they could not read under the batch key `skipped` (see `data.robust`);
+    The loaders record the files they could not read under the batch key `skipped` (see `data.unreadable`);
     workers cannot update counters in the main process, so the records travel with the batch and this
     callback takes them out before the step. It sums the counts over processes at every batch, so every
     rank sees the same totals and raises at the same step: no rank is left waiting in a collective for one
@@ -118,22 +114,3 @@ class BadDataMonitor(L.Callback):
     def _source(trainer: L.Trainer, name: str) -> DataSource:
         sources = getattr(trainer.datamodule, "sources", {})
         return sources.get(name) or DataSource(name, "its manifest", 0)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoint files written to a temporary file beside the target and renamed into place.
-
-    Lightning 2.6 saves through an fsspec transaction whose temporary file lives in the system temp
-    folder and is *moved* into place; when that folder is on another filesystem (a local /tmp and a
-    network checkpoint folder, the usual cluster layout) the move is a copy, and a job killed during
-    the copy leaves a truncated `last.ckpt`. A temporary file in the same folder makes the final step a
-    rename, which is atomic: a killed save leaves the previous checkpoint or the new one, never half.
-    URLs (s3://, gs://) keep Lightning's own saving: object stores publish whole objects.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
-                        storage_options: Any | None = None) -> None:
-        if storage_options is not None or "://" in str(path):
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
-        return None

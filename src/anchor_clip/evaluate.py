@@ -21,29 +21,27 @@ import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
 import torch
 from jsonargparse import CLI
 from torch import Tensor
-from torch.utils.data import DataLoader
 
 from anchor_clip.backbones import create_backbone
-from anchor_clip.eval.datasets import EvalDataset, build_eval_dataset, dataset_info, from_eval_set
+from anchor_clip.eval.datasets import EvalDataset, from_eval_set
+from anchor_clip.eval.registry import build_eval_dataset, dataset_info
 from anchor_clip.eval.tables import append_jsonl, results_table, to_markdown, write_results_table
+from anchor_clip.eval.zeroshot import EvalSets, evaluate_zero_shot
 from anchor_clip.module import AnchorFinetuneModule
+from anchor_clip.precision import Precision, trainer_precision
 from anchor_clip.specs import DEFAULT_TEMPLATES, EvalSet
 from anchor_clip.wise import interpolate
 
 log = logging.getLogger(__name__)
-Precision = Literal["32", "bf16"]
-
-
-@torch.no_grad()
 def evaluate_module(module: AnchorFinetuneModule, datasets: Sequence[EvalDataset], batch_size: int = 256,
                     num_workers: int = 4, precision: Precision = "32") -> dict[str, dict[str, float]]:
-    """Top-1 zero-shot accuracy of a module on each set, on the module's device.
+    """Top-1 zero-shot accuracy of a module on each set, on the module's device (`evaluate_zero_shot`).
 
     Heads come from `module.build_heads` (the current text tower, FLYP); sets sharing class names and
     templates (ImageNet and its shifts) share one head, so the 1000 × 80 prompts are encoded once.
@@ -51,32 +49,17 @@ def evaluate_module(module: AnchorFinetuneModule, datasets: Sequence[EvalDataset
     Returns:
         `{set name: {"acc": fraction correct, "n": number of images}}`.
     """
-    names = [d.name for d in datasets]
-    if len(set(names)) != len(names):
-        raise ValueError(f"evaluation set names must be unique, got {names}")
-    module.eval()
-    head_of: dict[tuple, str] = {}
-    for d in datasets:
-        head_of.setdefault((tuple(d.head_classnames), tuple(d.templates)), d.name)
-    module.eval_specs = [d.spec for d in datasets if d.name in head_of.values()]
-    module.build_heads()
-    transform = module.backbone.io.eval_transform
     device = module.device
+    data = EvalSets(datasets, module.backbone.io.eval_transform, batch_size=batch_size, num_workers=num_workers,
+                    pin_memory=device.type == "cuda")
+    placement = {"accelerator": "gpu", "devices": [device.index or 0]} if device.type == "cuda" else {
+        "accelerator": "cpu", "devices": 1}
+    scores = evaluate_zero_shot(module, data, precision=trainer_precision(precision), **placement)
     results = {}
     for d in datasets:
-        head = module.heads[head_of[(tuple(d.head_classnames), tuple(d.templates))]].float()  # (D, C_head)
-        loader = DataLoader(d.with_transform(transform), batch_size=batch_size, num_workers=num_workers,
-                            pin_memory=device.type == "cuda")
-        correct = 0
-        for batch in loader:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                features = module.backbone.encode_image(batch["images"].to(device))
-            logits: Tensor = features.float() @ head  # (B, D) @ (D, C_head)
-            if d.project is not None:
-                logits = d.project(logits)  # (B, C_head) -> (B, C_set)
-            correct += int((logits.argmax(dim=-1).cpu() == batch["labels"]).sum())
-        results[d.name] = {"acc": correct / len(d), "n": len(d)}
-        log.info("%s: %.4f on %d images", d.name, results[d.name]["acc"], len(d))
+        correct, n = scores[d.name]["correct"], scores[d.name]["n"]
+        results[d.name] = {"acc": correct / n, "n": n}
+        log.info("%s: %.4f on %d images", d.name, results[d.name]["acc"], n)
     return results
 
 
@@ -149,7 +132,7 @@ def evaluate(
         batch_size: images per forward pass.
         num_workers: image-decoding workers per loader.
         device: 'auto' (cuda when available), 'cpu', 'cuda', 'cuda:1', ...
-        precision: '32' or 'bf16' (autocast of the image tower; heads and logits stay fp32).
+        precision: '32', 'bf16' or '16' (autocast of the image tower; heads and logits stay fp32).
 
     Returns:
         The results table (methods × sets, accuracies in percent).

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 
-from anchor_clip.callbacks import AtomicCheckpointIO
+from anchor_clip.checkpoint_io import AtomicCheckpointIO
 from anchor_clip.data import AnchorDataModule
 from anchor_clip.module import AnchorFinetuneModule
 

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 from transformers import get_cosine_schedule_with_warmup
 
-from anchor_clip.backbones import ClipBackbone, create_backbone
+from anchor_clip.backbones import ClipBackbone, check_spec, create_backbone
 from anchor_clip.callbacks import BadDataMonitor
 from anchor_clip.losses import ARFLoss
 from anchor_clip.specs import EvalSpec
@@ -31,7 +31,7 @@ class AnchorFinetuneModule(L.LightningModule):
     skipped and stops a stream with too many (docs/reliability.md).
 
     Args:
-        backbone: registry spec, e.g. ``open_clip:ViT-B-16`` or ``world_clip``.
+        backbone: registry spec, e.g. ``open_clip:ViT-B-16`` or ``world_clip``; required (no default family).
         pretrained: pretrained tag or local checkpoint of the backbone; None = random init.
         backbone_config: model config dict instead of a named model (tiny test models, custom sizes).
         caption_weight: λ_cap of the caption-anchor loss; 0 skips the stream.
@@ -61,7 +61,7 @@ class AnchorFinetuneModule(L.LightningModule):
 
     def __init__(
         self,
-        backbone: str = "world_clip",
+        backbone: str | None = None,
         pretrained: str | None = None,
         backbone_config: dict[str, Any] | None = None,
         caption_weight: float = 0.0,
@@ -107,7 +107,8 @@ class AnchorFinetuneModule(L.LightningModule):
     def build_backbone(self) -> ClipBackbone:
         """Create the backbone; override to bring a model that is not in the registry."""
         hp = self.hparams
-        return create_backbone(hp.backbone, pretrained=hp.pretrained, config=hp.backbone_config)
+        spec = check_spec(hp.backbone, "model.backbone")
+        return create_backbone(spec, pretrained=hp.pretrained, config=hp.backbone_config)
 
     def encode_streams(self, batch: dict[str, dict[str, Tensor]]) -> Pairs:
         """Encode every active stream of a batch into (image_features, text_features) pairs.
@@ -254,14 +255,21 @@ class AnchorFinetuneModule(L.LightningModule):
     # -- zero-shot evaluation ------------------------------------------------------------------------------
     @torch.no_grad()
     def build_heads(self) -> None:
-        """Zero-shot heads from the *current* text tower (FLYP): (D, C) per eval set, class × template mean."""
+        """Zero-shot heads from the *current* text tower (FLYP): (D, C) per eval set, class × template mean.
+
+        Sets with the same class names and templates (ImageNet and its shifts) share one head, so its
+        prompts are encoded once.
+        """
         encoder = SimpleNamespace(encode_text=lambda tokens, normalize=True: self.backbone.encode_text(tokens))
-        self.heads = {
-            spec.name: build_zero_shot_classifier(encoder, self.backbone.tokenize, spec.classnames,
-                                                  [lambda c, t=t: t.format(c=c) for t in spec.templates],
-                                                  num_classes_per_batch=64, device=self.device)
-            for spec in self.eval_specs
-        }
+        built: dict[tuple, Tensor] = {}
+        self.heads = {}
+        for spec in self.eval_specs:
+            key = (tuple(spec.classnames), tuple(spec.templates))
+            if key not in built:
+                built[key] = build_zero_shot_classifier(encoder, self.backbone.tokenize, spec.classnames,
+                                                        [lambda c, t=t: t.format(c=c) for t in spec.templates],
+                                                        num_classes_per_batch=64, device=self.device)
+            self.heads[spec.name] = built[key]
 
     def on_validation_epoch_start(self) -> None:
         self.build_heads()
@@ -270,20 +278,21 @@ class AnchorFinetuneModule(L.LightningModule):
         self.build_heads()
 
     def _eval_step(self, batch: dict[str, Tensor], dataloader_idx: int, stage: str) -> dict[str, Tensor] | None:
-        """Update the set's accuracy; return the batch's image features for callbacks (e.g. drift)."""
+        """Update the set's accuracy; return the image features and predictions for callbacks (drift, counts)."""
         if "images" not in batch:  # every image of the batch was unreadable (counted by BadDataMonitor)
             return None
         spec = self.eval_specs[dataloader_idx]
         name = spec.name
         features = self.backbone.encode_image(self._layout(batch["images"]))
-        logits = features @ self.heads[name]  # (B, D) @ (D, C_head)
-        if spec.project is not None:
-            logits = spec.project(logits)  # (B, C_head) -> (B, C_set), e.g. ImageNet-R's 200 classes
+        with torch.autocast(features.device.type, enabled=False):  # heads and logits in fp32 at any precision
+            logits = features.float() @ self.heads[name].float()  # (B, D) @ (D, C_head)
+            if spec.project is not None:
+                logits = spec.project(logits)  # (B, C_head) -> (B, C_set), e.g. ImageNet-R's 200 classes
         metric = self.accuracy[name]
         metric.update(logits, batch["labels"])
         self.log(f"{stage}/{name}/acc", metric, on_epoch=True, add_dataloader_idx=False,
                  batch_size=len(logits))
-        return {"features": features}
+        return {"features": features, "predictions": logits.argmax(dim=-1)}
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int,
                         dataloader_idx: int = 0) -> dict[str, Tensor] | None:

@@ -11,7 +11,8 @@ nearest pool image under the pretrained CLIP backbone itself (no extra model).
 Layout of `out_dir` (every file is written to a temporary name and renamed into place):
 
     shard_00000.parquet   image_id, caption (+ captioner columns, + score) of manifest rows [0, shard_size)
-    index-00000.json      what the job is (fingerprint) and which shards process (rank) 0 finished, with timings
+    index-00000.json      what the job is (fingerprint) and which shards process (rank) 0 finished, with timings;
+                          the scheme of `anchors.shards`, which pool embedding shares
     captions.parquet      the merged caption table, one row per finetune image, in manifest order
     report.json           counts, throughput, settings, and how often captions name their image's class
 
@@ -37,15 +38,13 @@ from typing import Any
 import pandas as pd
 from torch.utils.data import DataLoader, Dataset
 
-from anchor_clip.anchors.captioners import Captioner, CaptionScorer, check_precision
-from anchor_clip.anchors.embed import (
-    Precision,
-    check_fingerprint,
-)
+from anchor_clip.anchors.captioners import Captioner, CaptionScorer
 from anchor_clip.anchors.mentions import mention_rates
+from anchor_clip.anchors.shards import ShardIndex
 from anchor_clip.backbones.base import ImageTransform
 from anchor_clip.data.images import load_image
 from anchor_clip.data.tables import read_classnames, read_table, resolve_paths, write_json, write_table
+from anchor_clip.precision import Precision, check_precision
 
 logger = logging.getLogger(__name__)
 
@@ -69,16 +68,6 @@ class _ShardImages(Dataset):
 
 def _shard_path(out_dir: Path, shard: int) -> Path:
     return out_dir / f"shard_{shard:05d}.parquet"
-
-
-def _finished_shards(out_dir: Path, fingerprint: dict) -> dict[int, dict]:
-    """Finished shards of all processes (shard -> its index entry), after checking they belong to this job."""
-    finished: dict[int, dict] = {}
-    for index_file in sorted(out_dir.glob("index-*.json")):
-        state = json.loads(index_file.read_text())
-        check_fingerprint(state["fingerprint"], fingerprint, out_dir, f"captions ({index_file.name})")
-        finished.update({int(shard): entry for shard, entry in state["shards"].items()})
-    return finished
 
 
 def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -207,7 +196,8 @@ def caption_finetune_set(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rank, world_size = _rank_and_world(rank, world_size)
-    finished = _finished_shards(out, fingerprint)
+    index = ShardIndex(out, fingerprint, "captions", rank)
+    finished = index.finished()
     todo = [s for s in range(rank, n_shards, world_size) if s not in finished]
 
     captioned = 0
@@ -220,10 +210,6 @@ def caption_finetune_set(
         if scorer is not None:
             scorer.setup(device, precision)
             transforms["score_pixels"] = scorer.transform
-        index_file = out / f"index-{rank:05d}.json"
-        state = (
-            json.loads(index_file.read_text()) if index_file.exists() else {"fingerprint": fingerprint, "shards": {}}
-        )
         for shard in todo:
             rows = slice(shard * shard_size, min((shard + 1) * shard_size, len(ids)))
             start = time.perf_counter()
@@ -238,16 +224,10 @@ def caption_finetune_set(
                 pin_memory=device.startswith("cuda"),
             )
             write_table(pd.DataFrame({"image_id": ids[rows], **columns}), _shard_path(out, shard))
-            state["shards"][str(shard)] = {
-                "rows": rows.stop - rows.start,
-                "seconds": time.perf_counter() - start,
-                "device": device,
-                "precision": precision,
-                "batch_size": batch_size,
-            }
-            write_json(state, index_file)
+            seconds = time.perf_counter() - start
+            index.commit(shard, {"rows": rows.stop - rows.start, "seconds": seconds, "device": device,
+                                 "precision": precision, "batch_size": batch_size})
             captioned += rows.stop - rows.start
-            seconds = state["shards"][str(shard)]["seconds"]
             logger.info(
                 "rank %d: shard %d of %d, %d images in %.1f s (%.1f images/s)",
                 rank,
@@ -257,7 +237,7 @@ def caption_finetune_set(
                 seconds,
                 (rows.stop - rows.start) / seconds,
             )
-        finished = _finished_shards(out, fingerprint)
+        finished = index.finished()
 
     if len(finished) < n_shards:
         return CaptionResult(captioned, None, None)

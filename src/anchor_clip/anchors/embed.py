@@ -1,52 +1,38 @@
 """Embed an image-text pool with a CLIP backbone, in shards a killed job can resume from.
 
-A pool is either a pair manifest (CSV/JSONL/parquet with `filepath, caption`; see docs/formats.md) or
-webdataset tar shards in the img2dataset layout (`{key}.jpg|png|webp`, `{key}.txt`, `{key}.json` per
-sample). Pools run to millions of pairs, so the job writes its output in shards under `out_dir`:
+A pool is a pair manifest or webdataset tar shards (read by `anchors.pool`). Pools run to millions of
+pairs, so the job writes its output in shards under `out_dir`:
 
-    out_dir/index.json            what was embedded with what, and which shards are finished
+    out_dir/index-00000.json      what was embedded with what, and which shards are finished (`anchors.shards`)
     out_dir/image_00000.npy       (n, D) float32 L2-normalized image features of shard 0
     out_dir/text_00000.npy        (n, D) float32 L2-normalized caption features of shard 0
     out_dir/meta_00000.parquet    the shard's pool rows (filepath/caption/extra columns, or tar offsets)
 
-Every file is written to a temporary name and renamed into place, and a shard is listed in index.json
+Every file is written to a temporary name and renamed into place, and a shard is listed in the index
 only after its three files are in place, so a killed job leaves no half shard and a re-run skips
 finished shards. Manifest pools are cut into `shard_size` rows; a tar file is one shard.
 """
 
 from __future__ import annotations
 
-import io as bytes_io
 import json
 import os
-import posixpath
-import tarfile
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from glob import glob
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from anchor_clip.anchors.pool import ImageTextDataset, PoolSource, image_refs, read_manifest_pool, scan_tar
+from anchor_clip.anchors.shards import ShardIndex, read_indexes
 from anchor_clip.backbones.base import BackboneIO, ClipBackbone
 from anchor_clip.backbones.registry import create_backbone
-from anchor_clip.data.tables import read_table, resolve_paths, write_atomic, write_json, write_table
-
-TABLE_SUFFIXES = (".csv", ".jsonl", ".parquet")
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-#: Columns of a webdataset pool row that locate the sample inside its tar, not data about the pair.
-TAR_COLUMNS = ("tar", "member", "offset", "size")
-Precision = Literal["32", "bf16", "16"]
-
-# An image is a file path, or (tar path, byte offset, byte size) of a member inside an uncompressed tar.
-ImageRef = str | tuple[str, int, int]
+from anchor_clip.data.tables import read_table, write_atomic, write_table
+from anchor_clip.precision import Precision, autocast
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -55,155 +41,6 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
             np.save(f, array)
 
     write_atomic(path, write)
-
-
-@dataclass(frozen=True)
-class PoolSource:
-    """Where a pool's pairs live: one pair manifest, or a sorted list of webdataset tar shards."""
-
-    kind: Literal["manifest", "webdataset"]
-    paths: tuple[str, ...]
-
-    @classmethod
-    def resolve(cls, pool: str | Sequence[str]) -> PoolSource:
-        """Classify `pool`: a table path -> manifest; tar paths or glob patterns -> webdataset shards."""
-        patterns = [pool] if isinstance(pool, str | os.PathLike) else list(pool)
-        if len(patterns) == 1 and Path(patterns[0]).suffix in TABLE_SUFFIXES:
-            if not Path(patterns[0]).is_file():
-                raise ValueError(f"pool manifest {patterns[0]} does not exist")
-            return cls("manifest", (str(Path(patterns[0]).resolve()),))
-        paths = sorted({str(Path(p).resolve()) for pattern in patterns for p in glob(str(pattern))})
-        if not paths:
-            raise ValueError(
-                f"pool {pool!r} matched no file; give a pair manifest ({', '.join(TABLE_SUFFIXES)}) "
-                "or webdataset shards as tar paths / a glob such as 'shards/*.tar'."
-            )
-        not_tar = [p for p in paths if not p.endswith(".tar")]
-        if not_tar:
-            raise ValueError(
-                f"webdataset pool entries must be uncompressed .tar files, got {not_tar[:3]}; "
-                "decompress .tar.gz shards (gunzip) first, or pass a single manifest table."
-            )
-        return cls("webdataset", tuple(paths))
-
-
-def read_manifest_pool(path: str | os.PathLike) -> pd.DataFrame:
-    """A pair manifest with `filepath` made absolute (relative paths resolve against the manifest's dir)."""
-    path = Path(path)
-    table = read_table(path)
-    missing = [c for c in ("filepath", "caption") if c not in table.columns]
-    if missing:
-        raise ValueError(
-            f"pool manifest {path} has no column(s) {missing} (found: {list(table.columns)}); a pair manifest "
-            "needs 'filepath' and 'caption' (docs/formats.md). Rename the columns or check the separator."
-        )
-    if table.empty:
-        raise ValueError(f"pool manifest {path} has no rows; an empty pool cannot be retrieved from")
-    table = table.copy()
-    table["filepath"] = resolve_paths(table, path)
-    table["caption"] = table["caption"].astype(str)
-    return table
-
-
-def scan_tar(path: str | os.PathLike) -> pd.DataFrame:
-    """Index one img2dataset-style tar: one row per sample that has an image and a caption.
-
-    Returns:
-        Columns `key, caption, tar, member, offset, size` (where the image bytes sit, so DataLoader
-        workers and the materializer can seek to them without re-reading the tar) plus the scalar fields
-        of `{key}.json` (e.g. `url`, `label`, `style`).
-    """
-    path = str(path)
-    try:
-        tar = tarfile.open(path, "r:")  # "r:" refuses compressed tars, whose members cannot be seeked to
-    except tarfile.ReadError as err:
-        raise ValueError(f"cannot read {path} as an uncompressed tar ({err}); decompress the shard first") from err
-    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
-    with tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            folder, base = posixpath.split(member.name)
-            stem, _, ext = base.partition(".")  # webdataset keys end at the first dot of the file name
-            samples.setdefault(posixpath.join(folder, stem), {})[ext.lower()] = member
-        rows, incomplete = [], 0
-        for key, members in samples.items():
-            image = next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
-            if image is None or "txt" not in members:
-                incomplete += 1
-                continue
-            row: dict[str, Any] = {}
-            if "json" in members:
-                info = json.loads(tar.extractfile(members["json"]).read())
-                row.update({k: v for k, v in info.items() if isinstance(v, str | int | float | bool) or v is None})
-            row.update(
-                key=key,
-                caption=tar.extractfile(members["txt"]).read().decode("utf-8").strip(),
-                tar=path,
-                member=image.name,
-                offset=image.offset_data,
-                size=image.size,
-            )
-            rows.append(row)
-    if incomplete:
-        warnings.warn(f"{path}: skipped {incomplete} sample(s) without an image or a .txt caption", stacklevel=2)
-    table = pd.DataFrame(rows)
-    # JSON fields can mix types across samples (a number here, a string there); strings keep parquet happy.
-    for column in table.columns:
-        if table[column].dtype == object and column not in ("key", "caption", "tar", "member"):
-            table[column] = table[column].map(lambda v: v if v is None or isinstance(v, str) else str(v))
-    return table
-
-
-def read_image_bytes(ref: ImageRef) -> bytes:
-    """The raw bytes of an image file or of a tar member given as (tar path, offset, size)."""
-    if isinstance(ref, str):
-        return Path(ref).read_bytes()
-    tar, offset, size = ref
-    with open(tar, "rb") as f:
-        f.seek(offset)
-        return f.read(size)
-
-
-def image_refs(rows: pd.DataFrame) -> list[ImageRef]:
-    """Image references of pool rows: file paths for manifest rows, tar locations for webdataset rows."""
-    if "tar" in rows.columns:
-        return list(zip(rows["tar"], rows["offset"].astype(int), rows["size"].astype(int), strict=True))
-    return list(rows["filepath"])
-
-
-class ImageTextDataset(Dataset):
-    """Images (and optionally captions) as model inputs; runs in DataLoader workers, so holds no model.
-
-    Items are dicts: `image` (3, H, W) float from the eval transform, and `tokens` (L,) when captions
-    are given.
-    """
-
-    def __init__(self, images: Sequence[ImageRef], captions: Sequence[str] | None, backbone_io: BackboneIO) -> None:
-        if captions is not None and len(captions) != len(images):
-            raise ValueError(f"got {len(images)} images but {len(captions)} captions; they must pair up")
-        self.images, self.captions, self.io = list(images), captions, backbone_io
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        ref = self.images[i]
-        try:
-            image = Image.open(bytes_io.BytesIO(read_image_bytes(ref))).convert("RGB")
-        except OSError as err:
-            raise ValueError(f"cannot decode image {ref}: {err}") from err
-        item = {"image": self.io.eval_transform(image)}
-        if self.captions is not None:
-            item["tokens"] = self.io.tokenizer([self.captions[i]])[0]
-        return item
-
-
-def _autocast(device: torch.device, precision: Precision):
-    dtypes = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
-    if precision not in dtypes:
-        raise ValueError(f"precision must be one of {list(dtypes)}, got {precision!r}")
-    return torch.autocast(device.type, dtype=dtypes[precision] or torch.float32, enabled=precision != "32")
 
 
 @torch.no_grad()
@@ -228,7 +65,7 @@ def encode_dataset(
     )
     images, texts = [], []
     for batch in loader:
-        with _autocast(device, precision):
+        with autocast(device, precision):
             images.append(model.encode_image(batch["image"].to(device, non_blocking=True)))
             if "tokens" in batch:
                 texts.append(model.encode_text(batch["tokens"].to(device, non_blocking=True)))
@@ -291,30 +128,11 @@ def _shard_files(out_dir: Path, shard: int) -> dict[str, Path]:
 
 
 def _save_shard(out_dir: Path, shard: int, image: np.ndarray, text: np.ndarray, rows: pd.DataFrame) -> None:
-    """Write one shard's three files, each atomically (index.json is updated by the caller afterwards)."""
+    """Write one shard's three files, each atomically (the caller lists it in the index afterwards)."""
     files = _shard_files(out_dir, shard)
     _save_npy(files["image"], image)
     _save_npy(files["text"], text)
     write_table(rows.reset_index(drop=True), files["meta"])
-
-
-def check_fingerprint(stored: dict, expected: dict, out_dir: Path, what: str) -> None:
-    """Refuse to resume a sharded job whose finished shards were made with other settings."""
-    if stored != expected:
-        changed = sorted(k for k in expected if stored.get(k) != expected[k])
-        raise ValueError(
-            f"{out_dir} holds {what} of a different job (differs in {changed}); resuming would mix "
-            "them. Use another output directory, or delete this one to start over."
-        )
-
-
-def _load_state(out_dir: Path, fingerprint: dict) -> dict:
-    index_file = out_dir / "index.json"
-    if not index_file.exists():
-        return {"fingerprint": fingerprint, "finished": []}
-    state = json.loads(index_file.read_text())
-    check_fingerprint(state["fingerprint"], fingerprint, out_dir, "embeddings")
-    return state
 
 
 def embed_pool(
@@ -371,8 +189,9 @@ def embed_pool(
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = _load_state(out, fingerprint)
-    todo = [s for s in range(n_shards) if s not in state["finished"]]
+    index = ShardIndex(out, fingerprint, "embeddings")
+    finished = index.finished()
+    todo = [s for s in range(n_shards) if s not in finished]
     if todo:
         was_training = model.training
         model.eval().to(device)
@@ -393,8 +212,7 @@ def embed_pool(
             dataset = ImageTextDataset(image_refs(rows), list(rows["caption"]), model_io)
             image, text = encode_dataset(model, dataset, batch_size, num_workers, device, precision)
             _save_shard(out, shard, image, text, rows)
-            state["finished"] = sorted([*state["finished"], shard])
-            write_json(state, out / "index.json")
+            index.commit(shard, {"rows": len(rows)})
             if on_shard_done is not None:
                 on_shard_done(shard)
         model.train(was_training)
@@ -404,12 +222,13 @@ def embed_pool(
 def load_pool_embeddings(out_dir: str | os.PathLike) -> PoolEmbeddings:
     """Concatenate the shards of a finished `embed_pool` run (raises if shards are still missing)."""
     out = Path(out_dir)
-    index_file = out / "index.json"
-    if not index_file.exists():
-        raise ValueError(f"{out} has no index.json; run embed_pool on the pool first")
-    state = json.loads(index_file.read_text())
-    n_shards = state["fingerprint"]["n_shards"]
-    missing = sorted(set(range(n_shards)) - set(state["finished"]))
+    indexes = read_indexes(out)
+    if not indexes:
+        raise ValueError(f"{out} has no index-*.json; run embed_pool on the pool first")
+    fingerprint = next(iter(indexes.values()))["fingerprint"]
+    finished = ShardIndex(out, fingerprint, "embeddings").finished()
+    n_shards = fingerprint["n_shards"]
+    missing = sorted(set(range(n_shards)) - set(finished))
     if missing:
         raise ValueError(f"{out}: shards {missing[:10]} of {n_shards} are not embedded yet; re-run embed_pool")
     files = [_shard_files(out, s) for s in range(n_shards)]
@@ -417,8 +236,8 @@ def load_pool_embeddings(out_dir: str | os.PathLike) -> PoolEmbeddings:
         image=np.concatenate([np.load(f["image"]) for f in files]),
         text=np.concatenate([np.load(f["text"]) for f in files]),
         rows=pd.concat([read_table(f["meta"]) for f in files], ignore_index=True),
-        kind=state["fingerprint"]["kind"],
-        backbone=state["fingerprint"]["backbone"],
+        kind=fingerprint["kind"],
+        backbone=fingerprint["backbone"],
     )
 
 

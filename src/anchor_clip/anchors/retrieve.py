@@ -29,30 +29,24 @@ import numpy as np
 import pandas as pd
 import torch
 
-from anchor_clip.anchors.embed import (
-    TAR_COLUMNS,
-    PoolEmbeddings,
-    Precision,
-    embed_images,
-    embed_pool,
-    read_image_bytes,
-    resolve_backbone,
-)
+from anchor_clip.anchors.embed import PoolEmbeddings, embed_images, embed_pool, resolve_backbone
 from anchor_clip.anchors.index import build_index, normalize
+from anchor_clip.anchors.pool import TAR_COLUMNS, read_image_bytes
 from anchor_clip.anchors.select import (
     Modality,
-    class_prompts,
     class_quotas,
     modality_vectors,
     near_duplicate_filter,
+    query_prompts,
     select_anchors,
     template_of,
 )
 from anchor_clip.backbones.base import ClipBackbone
 from anchor_clip.data.tables import read_classnames, read_table, resolve_paths, write_json, write_table
+from anchor_clip.precision import Precision
 
 #: One query per style, so each style gets k / 4 of a class's anchors (see the module docstring).
-DEFAULT_TEMPLATES = ("a photo of a {c}.", "a sketch of a {c}.", "a cartoon of a {c}.", "a painting of a {c}.")
+STYLE_TEMPLATES = ("a photo of a {c}.", "a sketch of a {c}.", "a cartoon of a {c}.", "a painting of a {c}.")
 MANIFEST_NAME = "retrieved_anchors.csv"
 REPORT_NAME = "retrieval_report.json"
 HISTOGRAM_NAME = "score_histogram.png"
@@ -234,7 +228,7 @@ def retrieve(
     backbone: str | ClipBackbone = "open_clip:ViT-B-16",
     pretrained: str | None = None,
     backbone_config: dict | None = None,
-    templates: tuple[str, ...] = DEFAULT_TEMPLATES,
+    templates: tuple[str, ...] = STYLE_TEMPLATES,
     k: int = 100,
     modality: Modality = "image",
     min_score: float | None = None,
@@ -282,7 +276,7 @@ def retrieve(
         The anchor manifest as written to `out_dir/retrieved_anchors.csv`.
     """
     names = read_classnames(classnames)
-    prompts = class_prompts(names, templates)
+    prompts = query_prompts(names, templates)
     class_quotas(k, len(templates))  # validates k before any embedding starts
     pool_names = read_classnames(pool_classnames) if pool_classnames is not None else None
     eval_paths = _eval_filepaths(exclude_manifests or [])

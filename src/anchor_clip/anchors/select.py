@@ -19,7 +19,7 @@ from anchor_clip.anchors.index import CosineIndex, build_index, normalize
 Modality = Literal["image", "text", "both"]
 
 
-def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
+def query_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[str]:
     """(C * T,) prompts, class-major: prompt c * T + t is template t filled with class c."""
     if not templates:
         raise ValueError("need at least one query template, e.g. 'a photo of a {c}.'")
@@ -38,7 +38,7 @@ def class_prompts(classnames: Sequence[str], templates: Sequence[str]) -> list[s
 
 def template_of(anchors: pd.DataFrame, classnames: Sequence[str], templates: Sequence[str]) -> pd.Series:
     """The template each anchor's `query` was filled from."""
-    prompts = class_prompts(classnames, templates)
+    prompts = query_prompts(classnames, templates)
     return anchors["query"].map(dict(zip(prompts, list(templates) * len(classnames), strict=True)))
 
 

@@ -47,6 +47,20 @@ def _split(spec: str) -> tuple[type[ClipBackbone], str | None]:
     return _FAMILIES[family], (model or None)
 
 
+def check_spec(spec: str | None, field: str) -> str:
+    """`spec` when it names a registered family; a missing or unknown one raises a ValueError naming the choices.
+
+    No family is a default: a run that forgot its backbone must not train some small model from random init.
+    """
+    if not spec:
+        raise ValueError(
+            f"{field} is not set; name the backbone as 'family:model' with a family from {list_backbones()}, e.g. "
+            "'open_clip:ViT-B-16' (with model.pretrained: openai) or 'world_clip' (the embedded world's CLIP)"
+        )
+    _split(spec)
+    return spec
+
+
 def create_backbone(spec: str, pretrained: str | None = None, config: dict[str, Any] | None = None) -> ClipBackbone:
     """Build a backbone from its spec.
 

@@ -5,7 +5,7 @@ Training batches are dicts keyed by stream (Lightning's `CombinedLoader`):
      "retrieved": {"images": (R,3,H,W), "texts": (R,L), "skipped": [...]}}
 The caption stream rides inside the finetune batch because its images *are* the finetune images.
 Texts are tokenized in the workers, with the tokenizer of the linked backbone (no weights loaded).
-`skipped` lists the files the loader could not read (see `data.robust`); `BadDataMonitor` consumes it.
+`skipped` lists the files the loader could not read (see `data.unreadable`); `BadDataMonitor` consumes it.
 
 The training order is `StreamSampler`'s: seeded by Lightning's global seed, sharded over processes, and
 saved in checkpoints (`state_dict`) so that a run resumed mid-epoch reads the batches the interrupted run
@@ -24,14 +24,14 @@ import torch
 from lightning.pytorch.utilities import CombinedLoader
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from anchor_clip.backbones import create_io
+from anchor_clip.backbones import check_spec, create_io
 from anchor_clip.backbones.base import BackboneIO, Tokenizer
 from anchor_clip.data.finetune import FinetuneImages
 from anchor_clip.data.images import LabelledImages
 from anchor_clip.data.pairs import ImageTextPairs
-from anchor_clip.data.robust import SKIPPED, GuardedItems, check_files
 from anchor_clip.data.sampling import StreamSampler
 from anchor_clip.data.tables import check_templates
+from anchor_clip.data.unreadable import SKIPPED, GuardedItems, check_files
 from anchor_clip.specs import DEFAULT_TEMPLATES, EvalSet, EvalSpec
 
 TEXT_KEYS = ("texts", "captions")
@@ -110,7 +110,7 @@ class AnchorDataModule(L.LightningDataModule):
             take at most this many MB (small images, whose file read and decode cost more than their transform);
             0 reads the files every epoch. Evaluation sets are decoded likewise when first loaded, so repeated
             evaluations read their files once. The tensors are the same either way.
-        backbone: backbone spec, linked from `model.backbone` by the CLI.
+        backbone: backbone spec, linked from `model.backbone` by the CLI; required (no default family).
         backbone_config: backbone config dict, linked from `model.backbone_config`.
         pretrained: pretrained tag or checkpoint, linked from `model.pretrained` (its preprocessing may differ).
     """
@@ -130,7 +130,7 @@ class AnchorDataModule(L.LightningDataModule):
         num_workers: int = 2,
         max_bad_fraction: float = 0.01,
         decoded_cache_mb: float = 0.0,
-        backbone: str = "world_clip",
+        backbone: str | None = None,
         backbone_config: dict[str, Any] | None = None,
         pretrained: str | None = None,
     ) -> None:
@@ -142,6 +142,7 @@ class AnchorDataModule(L.LightningDataModule):
             raise ValueError("data.classnames is required with data.finetune (a list or a file, one name per line)")
         if captions is not None and finetune is None:
             raise ValueError("data.captions pairs captions with the finetune images: set data.finetune too")
+        check_spec(backbone, "data.backbone (linked from model.backbone by the CLI)")
         sizes = {"data.batch_size": batch_size, "data.retrieved_batch_size": retrieved_batch_size,
                  "data.eval_batch_size": eval_batch_size}
         bad = {k: v for k, v in sizes.items() if v is not None and (not isinstance(v, int) or v < 1)}
@@ -190,7 +191,7 @@ class AnchorDataModule(L.LightningDataModule):
         if self.io is not None:
             return
         hp = self.hparams
-        world = self.trainer.world_size if self.trainer is not None else 1
+        processes = self.trainer.world_size if self.trainer is not None else 1
         self.io = create_io(hp.backbone, hp.backbone_config, hp.pretrained)
         if hp.finetune is not None:
             self.streams["finetune"] = FinetuneImages(hp.finetune, hp.classnames, self.templates,
@@ -198,12 +199,12 @@ class AnchorDataModule(L.LightningDataModule):
             self.sources["finetune"] = DataSource("data.finetune", str(hp.finetune), len(self.streams["finetune"]))
         if hp.retrieved is not None:
             self.streams["retrieved"] = ImageTextPairs(hp.retrieved, self.io.train_transform,
-                                                       min_pairs=self.retrieved_batch_size * world)
+                                                       min_pairs=self.retrieved_batch_size * processes)
             self.sources["retrieved"] = DataSource("data.retrieved", str(hp.retrieved),
                                                    len(self.streams["retrieved"]))
-        if "finetune" in self.streams and len(self.streams["finetune"]) < hp.batch_size * world:
+        if "finetune" in self.streams and len(self.streams["finetune"]) < hp.batch_size * processes:
             raise ValueError(f"data.finetune has {len(self.streams['finetune'])} images, fewer than one global "
-                             f"batch (data.batch_size={hp.batch_size} × {world} processes); lower the batch size")
+                             f"batch (data.batch_size={hp.batch_size} × {processes} processes); lower the batch size")
         self.evals = [
             LabelledImages(s.manifest, s.classnames, self.io.eval_transform, what=f"data.eval_sets[{s.name}]")
             for s in self.eval_sets
@@ -247,13 +248,13 @@ class AnchorDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> CombinedLoader:
         trainer = self.trainer
-        world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        processes, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         sizes = self._batch_sizes()
         # Every step sees every stream: the longest stream sets the epoch and the others cycle (see StreamSampler).
-        num_batches = max(len(ds) // (sizes[name] * world) for name, ds in self.streams.items())
-        epoch, skip = self._start(num_batches, world)
+        num_batches = max(len(ds) // (sizes[name] * processes) for name, ds in self.streams.items())
+        epoch, skip = self._start(num_batches, processes)
         samplers = {
-            name: StreamSampler(ds, sizes[name], num_batches, seed=self._seed(), stream=name, num_replicas=world,
+            name: StreamSampler(ds, sizes[name], num_batches, seed=self._seed(), stream=name, num_replicas=processes,
                                 rank=rank, start_epoch=epoch, start_batch=skip)
             for name, ds in self.streams.items()
         }
@@ -261,13 +262,14 @@ class AnchorDataModule(L.LightningDataModule):
         self._samplers = samplers
         return CombinedLoader(loaders, mode="max_size_cycle")
 
-    def _start(self, num_batches: int, world: int) -> tuple[int, int]:
+    def _start(self, num_batches: int, processes: int) -> tuple[int, int]:
         """(epoch, consumed steps) to start reading at: the checkpoint's position when resuming, else (epoch, 0)."""
         if not self._resume:
             return (self.trainer.current_epoch if self.trainer is not None else 0), 0
         resume, self._resume = self._resume, {}  # used once: later epochs start at their beginning
         epoch, skip = resume["epoch"], resume["batches"]
-        expected = {"seed": self._seed(), "global_batch_sizes": {k: v * world for k, v in self._batch_sizes().items()}}
+        global_sizes = {k: v * processes for k, v in self._batch_sizes().items()}
+        expected = {"seed": self._seed(), "global_batch_sizes": global_sizes}
         changed = {k: (resume.get(k), v) for k, v in expected.items() if resume.get(k) != v}
         if changed:
             warnings.warn(f"resuming with different data settings (checkpoint, now): {changed}; the rest of the epoch "
@@ -281,7 +283,7 @@ class AnchorDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return {}
-        world = trainer.world_size
+        processes = trainer.world_size
         # The samplers' epoch, not the trainer's: a run that stops at max_steps counts its last epoch as done,
         # while the batches it consumed belong to the epoch the samplers are in.
         epoch = next(iter(self._samplers.values())).epoch if self._samplers else trainer.current_epoch
@@ -290,7 +292,7 @@ class AnchorDataModule(L.LightningDataModule):
             # batches whose step ran; a checkpoint saved in on_train_batch_end already counts its own batch
             "batches": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
             "seed": self._seed(),
-            "global_batch_sizes": {k: v * world for k, v in self._batch_sizes().items()},
+            "global_batch_sizes": {k: v * processes for k, v in self._batch_sizes().items()},
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -28,7 +28,7 @@ def load_image(path: str) -> Image.Image:
 
 
 class UnreadableImage(Exception):
-    """An image file that is missing or does not decode; the training streams skip it (see `data.robust`).
+    """An image file that is missing or does not decode; the training streams skip it (see `data.unreadable`).
 
     Attributes:
         path: the file.

@@ -32,6 +32,7 @@ from anchor_clip.demo.recipes import AnchorRecipe, DemoConfig, FinetuneRecipe, P
 from anchor_clip.demo.report import drift_table, plot, summarize, summarize_curves
 from anchor_clip.eval.drift import FeatureRecorder
 from anchor_clip.eval.tables import to_markdown
+from anchor_clip.eval.zeroshot import evaluate_zero_shot
 from anchor_clip.module import AnchorFinetuneModule
 from anchor_clip.wise import interpolate
 from anchor_clip.world import pretrained as shipped
@@ -73,11 +74,8 @@ def methods(anchors: dict[str, Path], world: World, config: DemoConfig) -> dict[
 def evaluate(module: AnchorFinetuneModule, data: AnchorDataModule,
              recorder: FeatureRecorder | None = None) -> dict[str, float]:
     """Top-1 accuracy (%) of `module` on every evaluation set of `data` (image features into `recorder`)."""
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-                        callbacks=[] if recorder is None else [recorder])
-    result = trainer.validate(module, data, verbose=False)
-    merged = {k: v for r in result for k, v in r.items()}
-    return {name.split("/")[1]: 100.0 * value for name, value in merged.items() if name.endswith("/acc")}
+    results = evaluate_zero_shot(module, data, callbacks=[] if recorder is None else [recorder])
+    return {name: 100.0 * r["acc"] for name, r in results.items()}
 
 
 def finetune(world: World, weights: str, recipe: FinetuneRecipe, run_dir: Path, seed: int, model: dict | None,
