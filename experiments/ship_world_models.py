@@ -62,7 +62,8 @@ def ship_world_clip(seed: int, recipe: PretrainRecipe) -> dict:
                                  backbone_config=dict(WORLD_MODEL))
     data = finetune_data(world, FinetuneRecipe(num_workers=0), str(WEIGHTS_DIR / name), dict(WORLD_MODEL))
     return {
-        "file": name, "sha256": sha256(WEIGHTS_DIR / name), "world": asdict(world.config), "world_key": world.config.key,
+        "file": name, "sha256": sha256(WEIGHTS_DIR / name), "world": asdict(world.config),
+        "world_key": world.config.key,
         "model": dict(WORLD_MODEL), "recipe": asdict(recipe), "pretrain_key": key, "steps": recipe.steps,
         "zero_shot": {k: round(v, 2) for k, v in evaluate(model, data).items()},  # %, style-prompt ensemble
         "plateau": plateau(run_dir, recipe.steps),

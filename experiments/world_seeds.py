@@ -14,8 +14,8 @@ import logging
 from pathlib import Path
 
 from anchor_clip.data.tables import write_atomic, write_table
-from anchor_clip.demo.recipes import FinetuneRecipe, PretrainRecipe
-from anchor_clip.demo.targets import mean_std, run_seeds, targets
+from anchor_clip.demo.recipes import AnchorRecipe, FinetuneRecipe, PretrainRecipe
+from anchor_clip.demo.targets import anchor_pairs, mean_std, paired_differences, run_seeds, size_curve, targets
 from anchor_clip.world.generate import WorldConfig
 
 
@@ -33,16 +33,27 @@ def main(argv: list[str] | None = None) -> None:
                         help="retrieved (and replay) pairs per step; default: the finetune batch size")
     parser.add_argument("--pretrain-steps", type=int, default=PretrainRecipe.steps,
                         help="world-CLIP pretraining steps (each value is its own cache entry)")
+    parser.add_argument("--anchor-sizes", type=int, nargs="*", default=[375, 750],
+                        help="retrieved anchors and replay also at these k per class (the size curve)")
+    parser.add_argument("--no-ablations", action="store_true", help="skip the single-stream ablation rows")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     recipe = FinetuneRecipe(steps=args.steps, caption_weight=args.caption_weight,
                             retrieved_weight=args.retrieved_weight, retrieved_batch_size=args.retrieved_batch_size)
-    runs = run_seeds(args.seeds, args.out, args.context_bias, recipe, PretrainRecipe(steps=args.pretrain_steps))
+    runs = run_seeds(args.seeds, args.out, args.context_bias, recipe, PretrainRecipe(steps=args.pretrain_steps),
+                     ablations=not args.no_ablations, anchor_sizes=tuple(args.anchor_sizes))
     summary, checks = mean_std(runs), targets(runs)
+    differences = paired_differences(runs, [("arf", "replay"), ("arf", "flyp"), ("arf_caption", "flyp"),
+                                            ("arf_caption_knn", "flyp"), ("arf_retrieval", "replay"),
+                                            ("arf", "arf_retrieval")])
+    curve = size_curve(runs, anchor_pairs(args.out, args.seeds), AnchorRecipe.retrieved_per_class)
     write_table(runs, args.out / "runs.csv")
     write_table(summary.reset_index(), args.out / "summary.csv")
+    write_table(curve, args.out / "size_curve.csv")
     text = (f"seeds {args.seeds} (world seed = finetune seed), mean ± std\n\n{summary.to_markdown()}\n\n"
-            f"targets, on the seed means\n\n{checks.to_markdown(index=False)}\n")
+            f"targets, on the seed means\n\n{checks.to_markdown(index=False)}\n\n"
+            f"paired differences over seeds (mean ± std)\n\n{differences.to_markdown(index=False)}\n\n"
+            f"OOD against the number of anchor pairs\n\n{curve.to_markdown(index=False)}\n")
     write_atomic(args.out / "summary.md", lambda tmp: Path(tmp).write_text(text))
     print(text)
 

@@ -114,3 +114,20 @@ def make_module(**overrides) -> AnchorFinetuneModule:
 def batch(tiny_data):
     batch, _, _ = next(iter(make_datamodule(tiny_data).train_dataloader()))
     return batch
+
+#: A world BLIP small enough to train in seconds: the demo's generative captioner path on a tiny world.
+TINY_WORLD_BLIP = {"hidden_size": 32, "vision_layers": 1, "text_layers": 1, "heads": 2}
+
+
+@pytest.fixture(scope="session")
+def tiny_world_blip(tmp_path_factory) -> Path:
+    """A world BLIP trained for a few steps on a tiny world's pretraining corpus, saved with save_pretrained."""
+    from anchor_clip.world.captioner import CaptionerConfig, CaptionerRecipe, train_world_captioner
+    from anchor_clip.world.generate import WorldConfig, generate_pretraining_corpus, generate_world
+
+    root = tmp_path_factory.mktemp("world_blip")
+    world = generate_world(root / "worlds", WorldConfig(num_classes=6, finetune_classes=3, pretrain_size=96,
+                                                        pool_size=48, finetune_per_class=2, eval_per_class=2))
+    corpus = generate_pretraining_corpus(world)
+    return train_world_captioner(corpus, root / "blip", CaptionerConfig(**TINY_WORLD_BLIP),
+                                 CaptionerRecipe(steps=40, batch_size=16, lr=3e-3, warmup_steps=2))

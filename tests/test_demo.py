@@ -19,8 +19,8 @@ from anchor_clip.module import AnchorFinetuneModule
 from anchor_clip.world.generate import WorldConfig
 from tests.conftest import TINY_WORLD_CLIP
 
-METHODS = {"zeroshot", "lp", "ft", "lp_ft", "flyp", "arf_caption", "arf_retrieval", "arf", "replay", "oracle_caption",
-           "wise_flyp_0.5"}
+METHODS = {"zeroshot", "lp", "ft", "lp_ft", "flyp", "arf_caption", "arf_caption_knn", "arf_retrieval", "arf", "replay",
+           "arf_retrieval@16", "replay@16", "oracle_caption", "wise_flyp_0.5"}
 #: What the first table each notebook displays must hold: the demo's methods, or the retrieval report's fields.
 NOTEBOOK_SHOWS = {
     "results": sorted(METHODS),
@@ -32,16 +32,19 @@ NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.i
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, tiny_world_blip):
     root = tmp_path_factory.mktemp("demo")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ANCHOR_CLIP_CACHE", str(root / "cache"))
         config = DemoConfig(
-            world=WorldConfig(num_classes=6, finetune_classes=3, pool_size=240, finetune_per_class=8,
-                              eval_per_class=4),
+            world=WorldConfig(num_classes=6, finetune_classes=3, pretrain_size=240, pool_size=240,
+                              finetune_per_class=8, eval_per_class=4),
             pretrain=PretrainRecipe(steps=4, batch_size=32, num_workers=0, warmup_steps=1),
             finetune=FinetuneRecipe(steps=2, batch_size=8, num_workers=0, warmup_steps=1),
-            anchors=AnchorRecipe(retrieved_per_class=8, exclude_threshold=None),  # random towers: all images alike
+            # random towers: all images alike, so no near-duplicate exclusion
+            anchors=AnchorRecipe(retrieved_per_class=8, exclude_threshold=None, captioner=str(tiny_world_blip)),
+            ablations=True,
+            anchor_sizes=(16,),
             model=TINY_WORLD_CLIP,
             oracle=True,
             baselines=True,

@@ -32,12 +32,14 @@ from anchor_clip.world import (
     words,
 )
 from anchor_clip.world import generate as generate_module
-from anchor_clip.world.captions import MENTION_PROB, SIZE_WORDS, STYLE_NOUNS, plural
+from anchor_clip.world.captions import MENTION_PROB, SIZE_WORDS, STYLE_NOUNS, hypernym, plural
+from anchor_clip.world.generate import generate_pretraining_corpus
 from anchor_clip.world.render import silhouette
 from anchor_clip.world.scene import COLOURS
 from tests.conftest import TINY_WORLD_CLIP
 
-SMALL = WorldConfig(num_classes=8, finetune_classes=4, pool_size=96, finetune_per_class=6, eval_per_class=4)
+SMALL = WorldConfig(num_classes=8, finetune_classes=4, pretrain_size=96, pool_size=96, finetune_per_class=6,
+                    eval_per_class=4)
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -86,21 +88,56 @@ def test_eval_labels_index_their_own_classname_files(world):
     assert {r["style"] for r in _rows(world.eval_sets["zeroshot"].manifest)} == set(STYLES)
 
 
-def test_pool_covers_every_class_and_style_evenly(world):
-    rows = _rows(world.pool)
-    assert len(rows) == SMALL.pool_size
+def test_pretraining_corpus_covers_every_class_and_style_evenly(world):
+    rows = _rows(generate_pretraining_corpus(world))
+    assert len(rows) == SMALL.pretrain_size
     counts = Counter((r["label"], r["style"]) for r in rows)
     assert len(counts) == SMALL.num_classes * len(SMALL.styles)
     assert max(counts.values()) - min(counts.values()) <= 1
 
 
-def test_pool_captions_name_the_label_and_the_style(world):
+def test_pretraining_captions_name_the_label_and_the_style(world):
     classnames = _lines(world.classnames_file)
-    for row in _rows(world.pool):
+    for row in _rows(generate_pretraining_corpus(world)):
         caption_words = set(words(row["caption"]))
         name = classnames[int(row["label"])]
         assert name in caption_words or plural(name) in caption_words, row
         assert row["style"] in caption_words, row
+
+
+def test_pool_is_another_corpus_with_concepts_no_evaluation_needs(tmp_path):
+    config = replace(SMALL, pool_size=4000, pool_extra_classes=4)
+    world = generate_world(tmp_path, config)
+    rows = _rows(world.pool)
+    concepts = _lines(world.pool_classnames_file)
+    assert concepts[: config.num_classes] == _lines(world.classnames_file) and len(concepts) == 12
+    labels = Counter(int(r["label"]) for r in rows)
+    assert set(labels) == set(range(12))  # the pool-only concepts appear, and only there
+    assert max(labels.values()) > 1.5 * min(labels.values())  # a skewed class mix, not the corpus's even one
+    styles = Counter(r["style"] for r in rows)
+    for style, weight in zip(config.styles, config.pool_style_weights, strict=True):
+        assert abs(styles[style] / len(rows) - weight / sum(config.pool_style_weights)) < 0.03, style
+    corpus = {r["filepath"] for r in _rows(generate_pretraining_corpus(world))}
+    assert not corpus & {str(Path("pretrain") / r["filepath"]) for r in rows}  # disjoint draws, disjoint files
+
+
+def test_pool_captions_are_wrong_partial_or_hypernyms_at_their_configured_rates(tmp_path):
+    config = replace(SMALL, pool_size=4000, pool_extra_classes=0)
+    world = generate_world(tmp_path, config)
+    concepts = _lines(world.pool_classnames_file)
+    named, other, hypernyms = 0, 0, 0
+    rows = _rows(world.pool)
+    for row in rows:
+        caption_words = set(words(row["caption"]))
+        said = {c for c in concepts if c in caption_words or plural(c) in caption_words}
+        own = concepts[int(row["label"])]
+        named += own in said
+        other += bool(said - {own})
+        hypernyms += bool({hypernym(own), plural(hypernym(own))} & caption_words) and own not in said
+    noise = config.web_captions
+    assert abs(named / len(rows) - (1 - noise.wrong - noise.partial - noise.hypernym)) < 0.03
+    assert abs(other / len(rows) - noise.wrong) < 0.03
+    assert abs(hypernyms / len(rows) - noise.hypernym) < 0.03
 
 
 def test_no_image_appears_twice_across_splits(world):
@@ -272,7 +309,9 @@ def test_default_class_silhouettes_are_distinct_from_each_other():
         ({"num_classes": 99}, "num_classes"),
         ({"styles": ("photo", "mosaic")}, "styles"),
         ({"finetune_style": "sketch", "styles": ("photo",)}, "finetune_style"),
-        ({"pool_size": 10}, "pool_size"),
+        ({"pretrain_size": 10}, "pretrain_size"),
+        ({"pool_extra_classes": 99}, "pool_extra_classes"),
+        ({"pool_style_weights": (1.0,)}, "pool_style_weights"),
     ],
 )
 def test_invalid_config_raises_with_the_offending_field(override, message):

@@ -1,12 +1,13 @@
 """The seed sweep's aggregation and target checks, on tables made up here (the sweep itself takes an hour)."""
 
+import json
 import math
 
 import pandas as pd
 import pytest
 
 from anchor_clip.demo import targets as targets_module
-from anchor_clip.demo.targets import mean_std, recovery, run_seeds, targets
+from anchor_clip.demo.targets import mean_std, paired_differences, recovery, run_seeds, size_curve, targets
 from experiments.world_seeds import main
 
 
@@ -64,10 +65,13 @@ def test_the_sweeps_flags_reach_every_seeds_demo(tmp_path, monkeypatch):
         configs.append(config)
         out.mkdir(parents=True)
         _runs().query("seed == 0").drop(columns="seed").to_csv(out / "results.csv", index=False)
+        (out / "demo.json").write_text(json.dumps({"anchor_pairs": {"retrieved": 100, "replay": 100}}))
 
     monkeypatch.setattr(targets_module, "run_demo", fake_demo)
-    main(["--seeds", "3", "4", "--out", str(tmp_path), "--pretrain-steps", "4800", "--caption-weight", "0.5"])
+    main(["--seeds", "3", "4", "--out", str(tmp_path), "--pretrain-steps", "4800", "--caption-weight", "0.5",
+          "--anchor-sizes", "10", "20"])
     assert [(c.world.seed, c.seed) for c in configs] == [(3, 3), (4, 4)]
+    assert {(c.ablations, c.anchor_sizes) for c in configs} == {(True, (10, 20))}
     assert {c.pretrain.steps for c in configs} == {4800}
     assert {c.finetune.caption_weight for c in configs} == {0.5}
     assert (tmp_path / "summary.md").read_text().startswith("seeds [3, 4]")
@@ -77,3 +81,24 @@ def test_methods_missing_on_some_seed_are_left_out_of_the_means():
     runs = pd.concat([_runs(), pd.DataFrame([{"method": "lp", "seed": 0, "id": 75.0, "shift_avg": 60.0,
                                               "zeroshot": 70.0, "ood_avg": 65.0}])])
     assert "lp" not in mean_std(runs).index
+
+
+def test_paired_differences_are_per_seed_differences_with_their_spread():
+    table = paired_differences(_runs(), [("arf", "replay"), ("arf", "missing")]).set_index("difference")
+    assert list(table.index) == ["arf − replay"]  # a pair with a method not run is left out
+    # ID: arf 80 vs replay 79 on both seeds (same noise), OOD: (66 + 62) / 2 - (70 + 70) / 2 = -6
+    assert table.loc["arf − replay", "id"] == "+1.00 ± 0.00"
+    assert table.loc["arf − replay", "ood_avg"] == "-6.00 ± 0.00"
+
+
+def test_size_curve_pairs_each_size_of_retrieved_anchors_with_replay_of_that_size():
+    runs = _runs()
+    small = runs[runs["method"].isin(["arf_retrieval", "replay"])].copy()
+    small["method"] = small["method"] + "@10"
+    small["ood_avg"] -= 5
+    pairs = pd.DataFrame([{"seed": s, "anchors": a, "pairs": n} for s in (0, 1)
+                          for a, n in (("retrieved", 300), ("replay", 300), ("retrieved@10", 100), ("replay@10", 100))])
+    curve = size_curve(pd.concat([runs, small]), pairs, full_k=30)
+    assert list(zip(curve["anchors"], curve["k per class"], curve["pairs (mean)"], strict=True)) == [
+        ("arf_retrieval", 10, 100), ("replay", 10, 100), ("arf_retrieval", 30, 300), ("replay", 30, 300)]
+    assert curve["OOD avg"].tolist() == ["58.0 ± 0.0", "65.0 ± 0.0", "63.0 ± 0.0", "70.0 ± 0.0"]

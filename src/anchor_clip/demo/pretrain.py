@@ -98,9 +98,11 @@ def pretrain_world_clip(world: World, model_config: dict[str, Any] | None = None
                             decoded_cache_mb=POOL_DECODED_MB, backbone="world_clip",
                             backbone_config=model_config)
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=CHECKPOINT_EVERY)
-    # Zero-shot accuracy every `eval_every` steps: the curve that shows the plateau; the last one is recorded.
+    # Zero-shot accuracy every `eval_every` steps (the curve that shows the plateau) when that divides the run,
+    # else once at its end; the last one is recorded.
+    interval = recipe.eval_every if recipe.steps % recipe.eval_every == 0 else recipe.steps
     trainer = L.Trainer(max_steps=recipe.steps, default_root_dir=run_dir, callbacks=[checkpoints],
-                        logger=CSVLogger(run_dir, name="logs"), val_check_interval=recipe.eval_every,
+                        logger=CSVLogger(run_dir, name="logs"), val_check_interval=interval,
                         check_val_every_n_epoch=None, num_sanity_val_steps=0, enable_model_summary=False,
                         log_every_n_steps=25)
     last = _resumable(run_dir / "checkpoints" / "last.ckpt")
