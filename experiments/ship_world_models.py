@@ -58,6 +58,7 @@ def ship_world_clip(seed: int, recipe: PretrainRecipe) -> dict:
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     name = f"world_clip_world{seed}.pt"
     write_atomic(WEIGHTS_DIR / name, lambda tmp: torch.save(half, tmp))
+    (WEIGHTS_DIR / name).chmod(0o644)  # package data: readable by every user of an installation
     model = AnchorFinetuneModule(backbone="world_clip", pretrained=str(WEIGHTS_DIR / name),
                                  backbone_config=dict(WORLD_MODEL))
     data = finetune_data(world, FinetuneRecipe(num_workers=0), str(WEIGHTS_DIR / name), dict(WORLD_MODEL))
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         manifest["captioner"]["world_blip"] = ship_captioner(args.captioner)
     text = json.dumps(manifest, indent=1) + "\n"
     write_atomic(MANIFEST, lambda tmp: Path(tmp).write_text(text))
+    MANIFEST.chmod(0o644)
 
 
 if __name__ == "__main__":
