@@ -25,7 +25,8 @@ from anchor_clip.demo.pretrain import cache_root, pretrain_key
 from anchor_clip.demo.recipes import WORLD_MODEL, FinetuneRecipe, PretrainRecipe
 from anchor_clip.demo.run import evaluate
 from anchor_clip.module import AnchorFinetuneModule
-from anchor_clip.world.generate import WorldConfig, generate_world
+from anchor_clip.world.config import WorldConfig
+from anchor_clip.world.generate import generate_world
 from anchor_clip.world.pretrained import MANIFEST, WEIGHTS_DIR, sha256
 
 

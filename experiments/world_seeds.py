@@ -16,7 +16,7 @@ from pathlib import Path
 from anchor_clip.data.tables import write_atomic, write_table
 from anchor_clip.demo.recipes import AnchorRecipe, FinetuneRecipe, PretrainRecipe
 from anchor_clip.demo.targets import anchor_pairs, mean_std, paired_differences, run_seeds, size_curve, targets
-from anchor_clip.world.generate import WorldConfig
+from anchor_clip.world.config import WorldConfig
 
 
 def main(argv: list[str] | None = None) -> None:

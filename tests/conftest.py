@@ -123,7 +123,8 @@ TINY_WORLD_BLIP = {"hidden_size": 32, "vision_layers": 1, "text_layers": 1, "hea
 def tiny_world_blip(tmp_path_factory) -> Path:
     """A world BLIP trained for a few steps on a tiny world's pretraining corpus, saved with save_pretrained."""
     from anchor_clip.world.captioner import CaptionerConfig, CaptionerRecipe, train_world_captioner
-    from anchor_clip.world.generate import WorldConfig, generate_pretraining_corpus, generate_world
+    from anchor_clip.world.config import WorldConfig
+    from anchor_clip.world.generate import generate_pretraining_corpus, generate_world
 
     root = tmp_path_factory.mktemp("world_blip")
     world = generate_world(root / "worlds", WorldConfig(num_classes=6, finetune_classes=3, pretrain_size=96,

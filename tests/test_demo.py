@@ -16,7 +16,7 @@ from anchor_clip.demo.recipes import AnchorRecipe, DemoConfig, FinetuneRecipe, P
 from anchor_clip.demo.run import evaluate, fit_args, prepare, run_demo, wise_curves
 from anchor_clip.fit import cli_main
 from anchor_clip.module import AnchorFinetuneModule
-from anchor_clip.world.generate import WorldConfig
+from anchor_clip.world.config import WorldConfig
 from tests.conftest import TINY_WORLD_CLIP
 
 METHODS = {"zeroshot", "lp", "ft", "lp_ft", "flyp", "arf_caption", "arf_caption_knn", "arf_retrieval", "arf", "replay",

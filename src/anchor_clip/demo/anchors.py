@@ -19,7 +19,7 @@ from anchor_clip.data.tables import read_table, resolve_paths, write_atomic, wri
 from anchor_clip.demo.recipes import AnchorRecipe
 from anchor_clip.world import pretrained as shipped
 from anchor_clip.world.captions import STYLE_PROMPT, attribute_recall
-from anchor_clip.world.generate import World
+from anchor_clip.world.config import World
 
 
 def _retrieve(world: World, weights: str, model: dict | None, k: int, recipe: AnchorRecipe, out: Path) -> Path:

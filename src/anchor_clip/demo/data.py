@@ -5,7 +5,7 @@ from __future__ import annotations
 from anchor_clip.data import AnchorDataModule, EvalSet
 from anchor_clip.demo.recipes import FinetuneRecipe
 from anchor_clip.world.captions import CLASS_PROMPT, STYLE_PROMPT
-from anchor_clip.world.generate import World
+from anchor_clip.world.config import World
 
 
 def world_eval_sets(world: World, names: tuple[str, ...] | None = None) -> list[EvalSet]:

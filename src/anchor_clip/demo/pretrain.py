@@ -27,7 +27,8 @@ from anchor_clip.data.tables import write_atomic
 from anchor_clip.demo.data import world_eval_sets
 from anchor_clip.demo.recipes import PretrainRecipe
 from anchor_clip.module import AnchorFinetuneModule
-from anchor_clip.world.generate import World, generate_pretraining_corpus
+from anchor_clip.world.config import World
+from anchor_clip.world.generate import generate_pretraining_corpus
 
 #: Decode the pool's 32 px images once instead of every epoch; the weights are the same, so not in the cache key.
 POOL_DECODED_MB = 512

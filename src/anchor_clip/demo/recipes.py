@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from anchor_clip.world.generate import WorldConfig
+from anchor_clip.world.config import WorldConfig
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from anchor_clip.data.tables import write_atomic
 from anchor_clip.eval.drift import feature_drift
-from anchor_clip.world.generate import World
+from anchor_clip.world.config import World
 
 
 def summarize_curves(curves: pd.DataFrame, world: World) -> pd.DataFrame:

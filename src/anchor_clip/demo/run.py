@@ -37,7 +37,8 @@ from anchor_clip.module import AnchorFinetuneModule
 from anchor_clip.wise import interpolate
 from anchor_clip.world import pretrained as shipped
 from anchor_clip.world.captions import CLASS_PROMPT
-from anchor_clip.world.generate import World, WorldConfig, generate_world
+from anchor_clip.world.config import World, WorldConfig
+from anchor_clip.world.generate import generate_world
 
 log = logging.getLogger(__name__)
 

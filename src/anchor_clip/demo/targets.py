@@ -15,7 +15,7 @@ import pandas as pd
 from anchor_clip.data.tables import read_table
 from anchor_clip.demo.recipes import DemoConfig, FinetuneRecipe, PretrainRecipe
 from anchor_clip.demo.run import run_demo
-from anchor_clip.world.generate import WorldConfig
+from anchor_clip.world.config import WorldConfig
 
 COLUMNS = ["id", "shift_avg", "zeroshot", "ood_avg"]
 

@@ -7,7 +7,8 @@ world's CLIP (model, word tokenizer and the `world_clip` backbone adapter).
 """
 
 from anchor_clip.world.captions import CLASS_PROMPT, STYLE_PROMPT, class_prompts, describe, vocabulary, words
-from anchor_clip.world.generate import EvalSplit, World, WorldConfig, generate_world
+from anchor_clip.world.config import EvalSplit, World, WorldConfig
+from anchor_clip.world.generate import generate_world
 from anchor_clip.world.render import render_scene
 from anchor_clip.world.scene import STYLES, Scene, sample_scene
 from anchor_clip.world.shapes import SHAPE_NAMES

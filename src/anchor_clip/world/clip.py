@@ -296,24 +296,9 @@ def build_io(config: WorldClipConfig) -> BackboneIO:
     )
 
 
-#: Named pretrained weights: tag -> function returning a local checkpoint path (tried before file paths). The
-#: world CLIPs shipped with the package (`world.pretrained`) are registered under their manifest tags.
+#: Pretrained tags -> checkpoint path (tried before file paths): the shipped world CLIPs (`world.pretrained`).
 PRETRAINED: dict[str, Callable[[], Path]] = {tag: partial(shipped.world_clip_weights, tag)
                                              for tag in shipped.world_clip_tags()}
-
-
-def _tag_config(pretrained: str | None, config: dict | None) -> dict | None:
-    """A shipped tag's model config when none is given, as an open_clip tag implies its architecture."""
-    if pretrained not in shipped.world_clip_tags() or pretrained not in PRETRAINED:
-        return config
-    recorded = shipped.world_clip_entry(pretrained)["model"]
-    if config is None:
-        return dict(recorded)
-    clash = {k: (v, config[k]) for k, v in recorded.items() if k in config and config[k] != v}
-    if clash:
-        raise ValueError(f"world_clip pretrained={pretrained!r} was trained with {recorded}; the given config "
-                         f"differs in {clash} (recorded, given)")
-    return {**recorded, **config}
 
 
 def _resolve_pretrained(pretrained: str) -> Path:
@@ -348,7 +333,7 @@ class WorldClipBackbone(ClipBackbone):
     @classmethod
     def from_spec(cls, model: str | None, pretrained: str | None = None, config: dict | None = None) -> ClipBackbone:
         _check_model_name(model)
-        backbone = cls(WorldClipConfig.from_dict(_tag_config(pretrained, config)))
+        backbone = cls(WorldClipConfig.from_dict(shipped.tag_config(pretrained, config)))
         if pretrained:
             backbone.load_checkpoint(_resolve_pretrained(pretrained))
         return backbone
@@ -356,7 +341,7 @@ class WorldClipBackbone(ClipBackbone):
     @classmethod
     def io_from_spec(cls, model: str | None, config: dict | None = None, pretrained: str | None = None) -> BackboneIO:
         _check_model_name(model)
-        return build_io(WorldClipConfig.from_dict(_tag_config(pretrained, config)))
+        return build_io(WorldClipConfig.from_dict(shipped.tag_config(pretrained, config)))
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Load weights saved from this backbone (``state_dict()``) or a Lightning checkpoint of a module holding it.

@@ -61,6 +61,19 @@ def world_clip_weights(tag: str) -> Path:
     return _checked(WEIGHTS_DIR / entry["file"], entry["sha256"], f"world CLIP {tag!r}")
 
 
+def tag_config(pretrained: str | None, config: dict | None) -> dict | None:
+    """The model config a shipped tag was trained with, under `config`'s overrides, as an open_clip tag implies
+    its architecture; `config` unchanged for anything but a shipped tag."""
+    if pretrained not in manifest()["world_clip"]:
+        return config
+    recorded = world_clip_entry(pretrained)["model"]
+    clash = {k: (v, config[k]) for k, v in recorded.items() if config and k in config and config[k] != v}
+    if clash:
+        raise ValueError(f"world_clip pretrained={pretrained!r} was trained with {recorded}; the given config "
+                         f"differs in {clash} (recorded, given)")
+    return {**recorded, **(config or {})}
+
+
 def shipped_tag_for(pretrain_key: str) -> str | None:
     """The tag of the shipped world CLIP pretrained under this cache key (world, model and recipe), if any."""
     for tag, entry in manifest()["world_clip"].items():
