@@ -13,7 +13,7 @@ from typing import Any
 
 from anchor_clip.anchors.caption import caption_finetune_set
 from anchor_clip.anchors.captioners import BlipCaptioner, Captioner, KnnCaptioner
-from anchor_clip.anchors.mentions import mentions
+from anchor_clip.anchors.mentions import mention_rates
 from anchor_clip.anchors.retrieve import retrieve
 from anchor_clip.data.tables import read_table, resolve_paths, write_atomic, write_table
 from anchor_clip.demo.recipes import AnchorRecipe
@@ -57,11 +57,11 @@ def caption_quality(captions: Path, world: World) -> dict[str, Any]:
     oracle = read_table(world.captions_oracle, required=("image_id", "caption"), what="world oracle captions")
     merged = finetune.merge(table, on="image_id").merge(oracle, on="image_id", suffixes=("", "_oracle"))
     texts = merged["caption"].fillna("").astype(str).tolist()
-    names = [world.finetune_classnames[label] for label in merged["label"]]
+    rates = mention_rates(texts, merged["label"].tolist(), world.finetune_classnames, world.zeroshot_classnames)
     return {
         "images": len(texts),
-        "class_accuracy": sum(mentions(t, n) for t, n in zip(texts, names, strict=True)) / len(texts),
-        "unseen_class_rate": sum(any(mentions(t, z) for z in world.zeroshot_classnames) for t in texts) / len(texts),
+        "class_accuracy": rates["names_own_class"],
+        "unseen_class_rate": rates["names_unseen_class"],
         "attribute_recall": attribute_recall(texts, merged["caption_oracle"].tolist()),
     }
 

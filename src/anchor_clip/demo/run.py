@@ -136,8 +136,7 @@ def world_clip(world: World, config: DemoConfig) -> str:
     (its tag), else one pretrained here (its cached path); `config.force_pretrain` forces the latter."""
     tag = shipped.shipped_tag_for(pretrain_key(world, config.model, config.pretrain))
     if tag is not None and not config.force_pretrain:
-        shipped.world_clip_weights(tag)  # hash check before anything is built on it
-        return tag
+        return tag  # every load of the tag checks the file's sha256
     return str(pretrain_world_clip(world, model_config=config.model, recipe=config.pretrain))
 
 

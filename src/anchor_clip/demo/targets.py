@@ -62,11 +62,11 @@ def _methods(runs: pd.DataFrame) -> set[str]:
 
 def paired_differences(runs: pd.DataFrame, pairs: list[tuple[str, str]]) -> pd.DataFrame:
     """`a − b` per seed on ID and OOD average, as mean ± std over the seeds, for each (a, b) present."""
-    rows = []
+    rows, present = [], _methods(runs)
+    wide = runs.pivot_table(index="seed", columns="method", values=["id", "ood_avg"])
     for a, b in pairs:
-        if not {a, b} <= _methods(runs):
+        if not {a, b} <= present:
             continue
-        wide = runs.pivot_table(index="seed", columns="method", values=["id", "ood_avg"])
         diff = {col: wide[(col, a)] - wide[(col, b)] for col in ("id", "ood_avg")}
         rows.append({"difference": f"{a} − {b}",
                      **{f"{col}": f"{d.mean():+.2f} ± {d.std(ddof=1) if len(d) > 1 else 0.0:.2f}"
